@@ -1,0 +1,5 @@
+"""Errors of the feature store. The store stands alone (numpy, zarr, h5py), so it has its own error type."""
+
+
+class StoreError(Exception):
+    """A store problem the user can act on: wrong dataset, teacher or dimension, missing or corrupt shard."""

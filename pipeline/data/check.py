@@ -1,0 +1,227 @@
+"""Scan a canonical dataset: decode every image, look at every caption, and record what is wrong.
+
+Bad images are written to ``bad_images.parquet`` in the canonical directory (tagged with the dataset
+fingerprint), so that extraction skips exactly the images the check found, and says why.
+Nothing found here is fatal: a dataset with bad images is still checked completely and later stages skip them.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import defaultdict
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.data.canonical import BAD_IMAGES_FILE, CARD_FILE, CHECK_REPORT_FILE, CanonicalDataset
+from pipeline.data.images import DEFAULT_MAX_PIXELS, BadImageError, load_rgb
+from pipeline.errors import DsmdError
+
+__all__ = ["BadImage", "CaptionWarning", "CheckReport", "check_dataset", "load_bad_images", "caption_warnings"]
+
+# Teachers truncate captions at 64 tokens; a caption of more words than that is certainly cut.
+LONG_CAPTION_WORDS = 64
+_BAD_SCHEMA = pa.schema([("image_id", pa.int64()), ("path", pa.string()), ("reason", pa.string())])
+
+
+@dataclass(frozen=True)
+class BadImage:
+    image_id: int
+    path: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class CaptionWarning:
+    caption_id: int
+    image_id: int
+    kind: str  # "duplicate_in_image" | "shared_across_images" | "long"
+    detail: str
+
+
+@dataclass
+class CheckReport:
+    name: str
+    fingerprint: str
+    num_images: int
+    num_captions: int
+    bad_images: list[BadImage] = field(default_factory=list)
+    caption_warnings: list[CaptionWarning] = field(default_factory=list)
+    images_without_captions: list[int] = field(default_factory=list)
+    dropped: list[dict] = field(default_factory=list)
+
+    @property
+    def num_good_images(self) -> int:
+        return self.num_images - len(self.bad_images)
+
+    def warning_counts(self) -> dict[str, int]:
+        counts: dict[str, int] = defaultdict(int)
+        for warning in self.caption_warnings:
+            counts[warning.kind] += 1
+        return dict(sorted(counts.items()))
+
+    def to_dict(self) -> dict:
+        return {
+            "name": self.name,
+            "fingerprint": self.fingerprint,
+            "num_images": self.num_images,
+            "num_captions": self.num_captions,
+            "num_bad_images": len(self.bad_images),
+            "warning_counts": self.warning_counts(),
+            "bad_images": [asdict(b) for b in self.bad_images],
+            "images_without_captions": self.images_without_captions,
+            "dropped_rows": self.dropped,
+            "caption_warnings": [asdict(w) for w in self.caption_warnings],
+        }
+
+
+def _normalized(text: str) -> str:
+    return re.sub(r"\s+", " ", text).strip().lower()
+
+
+def caption_warnings(dataset: CanonicalDataset, long_words: int = LONG_CAPTION_WORDS) -> list[CaptionWarning]:
+    """Duplicates inside one image, texts shared by several images of one evaluation split (val or test: the
+    query then has several right answers) and very long captions."""
+    texts = dataset.texts(dataset.caption_ids())
+    owners = dataset.caption_image_ids()
+    splits = dataset.captions.column("split").to_pylist()
+    warnings: list[CaptionWarning] = []
+    first_in_image: dict[tuple[int, str], int] = {}
+    # (split, text) -> caption ids with that text, each on a different image
+    by_text: dict[tuple[str, str], list[int]] = defaultdict(list)
+    for caption_id, (text, image_id, split) in enumerate(zip(texts, owners.tolist(), splits, strict=True)):
+        key = _normalized(text)
+        earlier = first_in_image.get((image_id, key))
+        if earlier is not None:
+            warnings.append(
+                CaptionWarning(caption_id, image_id, "duplicate_in_image", f"same text as caption {earlier}")
+            )
+        else:
+            first_in_image[(image_id, key)] = caption_id
+            by_text[(split, key)].append(caption_id)
+        words = len(text.split())
+        if words > long_words:
+            warnings.append(
+                CaptionWarning(caption_id, image_id, "long", f"{words} words; teachers truncate long captions")
+            )
+    for (split, _), caption_ids in by_text.items():
+        # Only where it makes the right answer ambiguous: in training data a common caption is normal.
+        if split != "train" and len(caption_ids) > 1:
+            images = [int(owners[c]) for c in caption_ids]
+            shown = ", ".join(map(str, images[:5])) + (", ..." if len(images) > 5 else "")
+            warnings.append(
+                CaptionWarning(
+                    caption_ids[0],
+                    images[0],
+                    "shared_across_images",
+                    f"same text on {len(images)} {split} images (ids {shown})",
+                )
+            )
+    warnings.sort(key=lambda w: (w.caption_id, w.kind))
+    return warnings
+
+
+def _scan_images(
+    dataset: CanonicalDataset, workers: int, max_pixels: int, progress: bool
+) -> Iterator[tuple[int, str | None]]:
+    def check_one(image_id: int) -> tuple[int, str | None]:
+        try:
+            load_rgb(dataset.image_path(image_id), max_pixels=max_pixels)
+        except BadImageError as exc:
+            return image_id, exc.reason
+        except DsmdError as exc:  # the path now leaves the root (a symlink changed since prepare)
+            return image_id, f"path outside the images root: {exc}"
+        return image_id, None
+
+    ids = dataset.image_ids().tolist()
+    # Pillow releases the GIL while decoding, so threads give real parallelism without pickling the dataset.
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        results = pool.map(check_one, ids)
+        if not progress:
+            yield from results
+            return
+        from pipeline.console import track
+
+        yield from track(results, total=len(ids), description="checking images")
+
+
+def check_dataset(
+    dataset: CanonicalDataset,
+    workers: int | None = None,
+    *,
+    progress: bool = True,
+    write: bool = True,
+    long_words: int = LONG_CAPTION_WORDS,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+) -> CheckReport:
+    """Decode every image and inspect every caption. With ``write``, store the results in the dataset's dir."""
+    workers = workers or min(8, os.cpu_count() or 1)
+    bad = [
+        BadImage(image_id, dataset.image_relpath(image_id), reason)
+        for image_id, reason in _scan_images(dataset, workers, max_pixels, progress)
+        if reason is not None
+    ]
+    with_captions = np.zeros(dataset.num_images, dtype=bool)
+    with_captions[dataset.caption_image_ids()] = True
+    report = CheckReport(
+        name=dataset.name,
+        fingerprint=dataset.fingerprint,
+        num_images=dataset.num_images,
+        num_captions=dataset.num_captions,
+        bad_images=bad,
+        caption_warnings=caption_warnings(dataset, long_words),
+        images_without_captions=np.flatnonzero(~with_captions).tolist(),
+        dropped=dataset.dropped,
+    )
+    if write:
+        if dataset.directory is None:
+            raise DsmdError("the dataset has no canonical directory to write the check into; save it first")
+        write_report(report, dataset.directory)
+    return report
+
+
+def write_report(report: CheckReport, directory: str | Path) -> None:
+    directory = Path(directory)
+    table = pa.table(
+        {
+            "image_id": pa.array([b.image_id for b in report.bad_images], pa.int64()),
+            "path": pa.array([b.path for b in report.bad_images], pa.string()),
+            "reason": pa.array([b.reason for b in report.bad_images], pa.string()),
+        },
+        schema=_BAD_SCHEMA.with_metadata({"dsmd_fingerprint": report.fingerprint}),
+    )
+    temporary = directory / f".{BAD_IMAGES_FILE}.tmp"
+    pq.write_table(table, temporary)
+    os.replace(temporary, directory / BAD_IMAGES_FILE)
+    text = json.dumps(report.to_dict(), indent=1, ensure_ascii=False) + "\n"
+    (directory / CHECK_REPORT_FILE).write_text(text, encoding="utf-8")
+
+
+def load_bad_images(canonical_dir: str | Path) -> dict[int, str]:
+    """image_id -> reason from the last `dsmd data check`; empty when no check was run.
+
+    A list written for other content (the dataset was prepared again since) is refused, not silently used.
+    """
+    directory = Path(canonical_dir)
+    path = directory / BAD_IMAGES_FILE
+    if not path.exists():
+        return {}
+    try:
+        table = pq.read_table(path)
+        card = json.loads((directory / CARD_FILE).read_text(encoding="utf-8"))
+    except (OSError, pa.ArrowInvalid, json.JSONDecodeError) as exc:
+        raise DsmdError(f"{path}: unreadable ({exc}); rerun `dsmd data check`") from None
+    metadata = table.schema.metadata or {}
+    written_for = metadata.get(b"dsmd_fingerprint", b"").decode()
+    if written_for != card.get("fingerprint"):
+        raise DsmdError(f"{path}: written for another version of the dataset; rerun `dsmd data check`")
+    ids = table.column("image_id").to_pylist()
+    reasons = table.column("reason").to_pylist()
+    return dict(zip(ids, reasons, strict=True))

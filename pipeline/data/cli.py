@@ -1,0 +1,163 @@
+"""`dsmd data ...`: make the demo dataset, prepare the canonical dataset, check it, describe it."""
+
+from __future__ import annotations
+
+import json
+import time
+
+import typer
+from rich.table import Table
+
+from pipeline.console import console, get_config
+
+__all__ = ["register"]
+
+data_app = typer.Typer(help="Datasets: the shapes-world demo, the canonical dataset, checks.", no_args_is_help=True)
+
+
+def _counts_table(dataset) -> Table:
+    counts = dataset.counts()
+    table = Table(title=f"dataset {dataset.name!r}", title_justify="left")
+    table.add_column("split")
+    table.add_column("images", justify="right")
+    table.add_column("captions", justify="right")
+    for split, numbers in counts["splits"].items():
+        table.add_row(split, f"{numbers['images']:,}", f"{numbers['captions']:,}")
+    table.add_row("all", f"{counts['images']:,}", f"{counts['captions']:,}", style="bold")
+    return table
+
+
+def _print_dataset(dataset) -> None:
+    console.print(_counts_table(dataset))
+    console.print(f"images root: {dataset.images_root}", highlight=False)
+    console.print(f"fingerprint: {dataset.fingerprint}", highlight=False)
+    if dataset.directory is not None:
+        console.print(f"canonical dir: {dataset.directory}", highlight=False)
+    if dataset.dropped:
+        console.print(f"[yellow]{len(dataset.dropped):,} caption rows dropped[/yellow] (see dataset.json)")
+
+
+def _problem_table(title: str, columns: list[str], rows: list[list[str]], limit: int, total: int) -> Table:
+    table = Table(title=title, title_justify="left")
+    for column in columns:
+        table.add_column(column, overflow="fold")
+    for row in rows[:limit] if limit > 0 else rows:
+        table.add_row(*row)
+    if 0 < limit < total:
+        table.caption = f"{limit} of {total:,} shown; all are in the files named below"
+    return table
+
+
+@data_app.command("demo")
+def demo(ctx: typer.Context) -> None:
+    """Generate the shapes-world demo dataset (settings: demo.*)."""
+    from pipeline.data.shapes import generate_shapes
+
+    cfg = get_config(ctx).demo
+    started = time.perf_counter()
+    path = generate_shapes(cfg)
+    total = cfg.n_train + cfg.n_val + cfg.n_test
+    console.print(
+        f"shapes world: {total:,} images ({cfg.n_train:,} train / {cfg.n_val:,} val / {cfg.n_test:,} test), "
+        f"{cfg.captions_per_image} captions each, in {time.perf_counter() - started:.1f} s -> {path}",
+        highlight=False,
+    )
+
+
+@data_app.command("prepare")
+def prepare(ctx: typer.Context) -> None:
+    """Read data.source, check every row and write the canonical dataset to data.canonical_dir."""
+    from pipeline.data.canonical import prepare_dataset
+
+    dataset = prepare_dataset(get_config(ctx).data)
+    _print_dataset(dataset)
+
+
+@data_app.command("check")
+def check(
+    ctx: typer.Context,
+    workers: int = typer.Option(0, help="Threads decoding images (0 = up to 8, one per core)."),
+    limit: int = typer.Option(20, help="Rows shown per problem table (0 = all); the files hold every row."),
+) -> None:
+    """Decode every image and inspect every caption; report all problems and record the bad images.
+
+    Exits 0 whenever the whole dataset could be checked, also when it found bad images: later stages skip
+    those images using the list written here.
+    """
+    from pipeline.data.canonical import BAD_IMAGES_FILE, CHECK_REPORT_FILE, load_or_prepare
+    from pipeline.data.check import check_dataset
+
+    cfg = get_config(ctx).data
+    dataset, prepared = load_or_prepare(cfg)
+    if prepared:
+        console.print(f"prepared the canonical dataset in {dataset.directory}", highlight=False)
+    report = check_dataset(dataset, workers=workers or None)
+
+    summary = Table(title=f"check of {dataset.name!r}", title_justify="left", show_header=False)
+    summary.add_row("images", f"{report.num_images:,}")
+    summary.add_row("bad images (skipped by later stages)", f"{len(report.bad_images):,}")
+    summary.add_row("captions", f"{report.num_captions:,}")
+    summary.add_row("dropped caption rows", f"{len(report.dropped):,}")
+    summary.add_row("images without captions", f"{len(report.images_without_captions):,}")
+    for kind, count in report.warning_counts().items():
+        summary.add_row(f"caption warnings: {kind}", f"{count:,}")
+    console.print(summary)
+
+    if report.bad_images:
+        rows = [[str(b.image_id), b.path, b.reason] for b in report.bad_images]
+        console.print(_problem_table("bad images", ["image_id", "path", "reason"], rows, limit, len(rows)))
+    if report.dropped:
+        rows = [[d["where"], str(d.get("image_key")), d["reason"]] for d in report.dropped]
+        console.print(_problem_table("dropped caption rows", ["row", "image", "reason"], rows, limit, len(rows)))
+    if report.images_without_captions:
+        rows = [[str(i), dataset.image_relpath(i)] for i in report.images_without_captions]
+        console.print(
+            _problem_table(
+                "images without captions (kept in the gallery)", ["image_id", "path"], rows, limit, len(rows)
+            )
+        )
+    if report.caption_warnings:
+        rows = [[str(w.caption_id), str(w.image_id), w.kind, w.detail] for w in report.caption_warnings]
+        console.print(
+            _problem_table(
+                "caption warnings (kept)", ["caption_id", "image_id", "kind", "detail"], rows, limit, len(rows)
+            )
+        )
+    assert dataset.directory is not None
+    console.print(
+        f"wrote {dataset.directory / BAD_IMAGES_FILE} and {dataset.directory / CHECK_REPORT_FILE}", highlight=False
+    )
+    verdict = (
+        "[green]all images readable[/green]"
+        if not report.bad_images
+        else (f"[yellow]{len(report.bad_images):,} bad images[/yellow] will be skipped")
+    )
+    console.print(f"checked {report.num_images:,} images and {report.num_captions:,} captions: {verdict}")
+
+
+@data_app.command("info")
+def info(
+    ctx: typer.Context,
+    as_json: bool = typer.Option(False, "--json", help="Print dataset.json to standard output."),
+) -> None:
+    """Describe the canonical dataset in data.canonical_dir (run `dsmd data prepare` first)."""
+    from pipeline.data.canonical import BAD_IMAGES_FILE, CanonicalDataset
+    from pipeline.data.check import load_bad_images
+
+    cfg = get_config(ctx).data
+    dataset = CanonicalDataset.load(cfg.canonical_dir)
+    if as_json:
+        typer.echo(json.dumps(dataset.card(), indent=2, ensure_ascii=False))
+        return
+    _print_dataset(dataset)
+    source = dataset.info.get("source", {})
+    if source:
+        console.print(f"source: {source.get('path')} ({source.get('format')})", highlight=False)
+    if (dataset.directory / BAD_IMAGES_FILE).exists():
+        console.print(f"bad images (last check): {len(load_bad_images(dataset.directory)):,}")
+    else:
+        console.print("not checked yet: run `dsmd data check`")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(data_app, name="data")

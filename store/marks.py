@@ -1,0 +1,81 @@
+"""Shard completion marks: what a finished shard holds, written only after its data is durable."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+
+from store.errors import StoreError
+
+MARK_FORMAT = "dsmd-shard-mark"
+MARK_VERSION = 1
+
+
+@dataclass
+class ShardMark:
+    teacher: str
+    kind: str
+    shard: int
+    start: int
+    stop: int
+    dtype: str
+    dim: int
+    valid_count: int
+    # Row id -> why the row was skipped (its stored vector is zero and its valid flag False).
+    skipped: dict[int, str] = field(default_factory=dict)
+    # sha256 of the rows [start, stop) in the stored dtype, little-endian, row-major: the same for every
+    # backend, so a converted store keeps it.
+    data_sha256: str = ""
+    # zarr only: sha256 and size of the shard file as written (catches damage to the file's index too).
+    file_sha256: str | None = None
+    file_size: int | None = None
+    written_at: str = ""
+
+    def to_json(self) -> str:
+        body = {
+            "format": MARK_FORMAT,
+            "version": MARK_VERSION,
+            "teacher": self.teacher,
+            "kind": self.kind,
+            "shard": self.shard,
+            "start": self.start,
+            "stop": self.stop,
+            "dtype": self.dtype,
+            "dim": self.dim,
+            "valid_count": self.valid_count,
+            "skipped": {str(row): reason for row, reason in sorted(self.skipped.items())},
+            "data_sha256": self.data_sha256,
+            "file_sha256": self.file_sha256,
+            "file_size": self.file_size,
+            "written_at": self.written_at,
+        }
+        return json.dumps(body, indent=1)
+
+    @classmethod
+    def from_json(cls, text: str, where: str) -> ShardMark:
+        try:
+            body = json.loads(text)
+            if body.get("format") != MARK_FORMAT:
+                raise ValueError(f"format is {body.get('format')!r}, not {MARK_FORMAT!r}")
+            if body.get("version") != MARK_VERSION:
+                raise ValueError(f"version {body.get('version')!r} is not {MARK_VERSION}")
+            return cls(
+                teacher=str(body["teacher"]),
+                kind=str(body["kind"]),
+                shard=int(body["shard"]),
+                start=int(body["start"]),
+                stop=int(body["stop"]),
+                dtype=str(body["dtype"]),
+                dim=int(body["dim"]),
+                valid_count=int(body["valid_count"]),
+                skipped={int(row): str(reason) for row, reason in body["skipped"].items()},
+                data_sha256=str(body["data_sha256"]),
+                file_sha256=body.get("file_sha256"),
+                file_size=body.get("file_size"),
+                written_at=str(body.get("written_at", "")),
+            )
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise StoreError(
+                f"{where}: shard completion mark is unreadable ({exc}); delete it and rerun dsmd extract "
+                "to redo that shard"
+            ) from None

@@ -110,6 +110,8 @@ class _ArrayRows:
         """Rows for already checked ids, in the stored dtype, in the order of ids."""
         shards = ids // self.layout.rows_per_shard
         self.require(shards)
+        if ids.size == 0:
+            return np.empty((0, self.dim), dtype=self.dtype)
         if self._whole is not None:
             return self._whole[ids]
         order = np.argsort(ids, kind="stable")

@@ -93,20 +93,31 @@ def test_sq8_when_float32_does_not_fit():
 
 
 def test_plans():
-    assert plan_index(1000, 256).backend == "exact"
-    assert plan_index(1000, 256, faiss_available=False).backend == "exact"
-    assert plan_index(100_000, 256).backend == "faiss-flat"
-    assert plan_index(100_000, 256, faiss_available=False).backend == "exact"
-    assert plan_index(1_000_000, 256, memory_budget_mb=2048).backend == "faiss-ivf"
-    assert plan_index(1_000_000, 256, memory_budget_mb=512).backend == "faiss-ivf-sq8"
-    plan = plan_index(1_000_000, 256, kind="exact", memory_budget_mb=512)
-    assert (plan.backend, plan.storage) == ("exact", "float16")
-    with pytest.raises(DsmdError, match="even as float16"):
-        plan_index(1_000_000, 256, kind="exact", memory_budget_mb=100)
-    with pytest.raises(DsmdError, match="8-bit"):
-        plan_index(1_000_000, 256, kind="faiss", memory_budget_mb=100)
+    def plan(n, kind="auto", budget=2048, faiss_available=True):
+        chosen = plan_index(n, 256, kind=kind, memory_budget_mb=budget, faiss_available=faiss_available)
+        return chosen.backend, chosen.storage
+
+    # auto: exact results whenever they fit, numpy for small galleries, 8-bit IVF only when memory forces it.
+    assert plan(1000) == ("exact", "float32")
+    assert plan(100_000) == ("faiss-flat", "float32")
+    assert plan(100_000, faiss_available=False) == ("exact", "float32")
+    assert plan(1_000_000) == ("faiss-flat", "float32")
+    assert plan(1_000_000, budget=512) == ("exact", "float16")
+    assert plan(1_000_000, budget=300) == ("faiss-ivf-sq8", "uint8")
+    with pytest.raises(DsmdError, match="raise the budget"):
+        plan(1_000_000, budget=300, faiss_available=False)
+    # Named backends.
+    assert plan(100_000, "exact") == ("exact", "float32")
+    assert plan(1_000_000, "exact", budget=512) == ("exact", "float16")
+    assert plan(100_000, "faiss") == ("faiss-flat", "float32")
+    assert plan(1_000_000, "faiss") == ("faiss-ivf", "float32")
+    assert plan(1_000_000, "faiss", budget=512) == ("faiss-ivf-sq8", "uint8")
+    with pytest.raises(DsmdError, match="even as 8-bit"):
+        plan(1_000_000, "exact", budget=100)
+    with pytest.raises(DsmdError, match="even as 8-bit"):
+        plan(1_000_000, "faiss", budget=100)
     with pytest.raises(DsmdError, match="not one of"):
-        plan_index(10, 4, kind="hnsw")
+        plan(10, "hnsw")
 
 
 @pytest.mark.parametrize("kind", ["exact", "faiss"])

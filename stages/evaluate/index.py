@@ -6,8 +6,11 @@ Two backends behind one interface (``search(queries, k) -> (scores, ids)``, best
 - ``faiss`` (faiss-cpu): ``IndexFlatIP`` (exact) for moderate galleries, an inverted file (IVF, approximate:
   only ``nprobe`` of ``nlist`` clusters are scanned) for large ones, with 8-bit scalar-quantised codes when
   float32 vectors would not fit the memory budget.
-:func:`plan_index` makes the choice from the gallery size and ``memory_budget_mb`` (``index: auto`` in the
-config); HNSW is not offered: it needs more memory than a flat index and takes long to build on few cores.
+:func:`plan_index` makes the choice from the gallery size and ``memory_budget_mb``. ``index: auto`` keeps
+results exact whenever they fit (numpy up to 50k rows, then faiss flat; float16 numpy when float32 is over
+budget) and falls back to approximate IVF with 8-bit codes only when even float16 does not fit;
+``index: faiss`` asks for speed: flat below 200k rows, IVF above (scanning nlist/16 clusters by default).
+HNSW is not offered: it needs more memory than a flat index and takes long to build on few cores.
 
 Every gallery row carries an id (default: its row number) and optionally a path, so a saved index can be
 shipped and its results mapped back to images or captions. Directory layout: ``index.json`` (backend,
@@ -33,8 +36,8 @@ FORMAT = "dsmd-index"
 FORMAT_VERSION = 1
 # Below this many rows a faiss gallery is searched exhaustively (IndexFlatIP); above it, an IVF is trained.
 IVF_MIN_ROWS = 200_000
-# Below this many rows `auto` keeps numpy exact search: at that size one query costs well under a millisecond
-# either way and the index needs nothing beyond numpy.
+# Up to this many rows `auto` uses numpy exact search (a single query is as fast as with faiss, nothing beyond
+# numpy is needed); above it faiss flat, whose batched search is about twice as fast (benchmarks/evaluate.py).
 EXACT_MAX_ROWS = 50_000
 # Scratch memory for one block of exact search (scores and partition indices).
 SEARCH_SCRATCH_MB = 256
@@ -75,32 +78,36 @@ def plan_index(
     fits32, fits16, fits8 = 4 * n_rows * dim <= budget, 2 * n_rows * dim <= budget, n_rows * dim <= budget
     if kind not in ("auto", "exact", "faiss"):
         raise DsmdError(f"evaluate.index: {kind!r} is not one of 'auto', 'exact', 'faiss'")
+    exact32 = IndexPlan("exact", "float32", f"{n_rows} rows: exact search, float32 ({4 * mb:.0f} MB)")
+    exact16 = IndexPlan("exact", "float16", f"float32 ({4 * mb:.0f} MB) exceeds the budget: exact search, float16")
+    sq8 = IndexPlan("faiss-ivf-sq8", "uint8", f"float32 ({4 * mb:.0f} MB) exceeds the budget: IVF, 8-bit codes")
+    flat = IndexPlan("faiss-flat", "float32", f"{n_rows} rows: faiss flat inner product (exact)")
+    ivf = IndexPlan("faiss-ivf", "float32", f"{n_rows} rows >= {IVF_MIN_ROWS}: faiss IVF (approximate)")
+    too_big = DsmdError(
+        f"evaluate.memory_budget_mb={memory_budget_mb}: {n_rows} x {dim} vectors need {mb:.0f} MB even as 8-bit "
+        f"codes ({2 * mb:.0f} MB as float16); raise the budget"
+    )
     if kind == "auto":
-        if n_rows <= EXACT_MAX_ROWS or not faiss_available:
-            kind = "exact"
-        else:
-            kind = "faiss"
+        # Exact results whenever they fit; approximate search only when memory leaves no other choice.
+        if fits32:
+            return exact32 if n_rows <= EXACT_MAX_ROWS or not faiss_available else flat
+        if fits16:
+            return exact16
+        if fits8 and faiss_available:
+            return sq8
+        raise too_big
     if kind == "exact":
         if fits32:
-            return IndexPlan("exact", "float32", f"{n_rows} rows: exact search, float32 ({4 * mb:.0f} MB)")
+            return exact32
         if fits16:
-            return IndexPlan("exact", "float16", f"float32 ({4 * mb:.0f} MB) exceeds the budget: exact search, float16")
-        raise DsmdError(
-            f"evaluate.memory_budget_mb={memory_budget_mb}: {n_rows} x {dim} vectors need {2 * mb:.0f} MB even "
-            "as float16; raise the budget or set evaluate.index=faiss (8-bit codes)"
-        )
-    if not fits32:
-        if fits8:
-            return IndexPlan(
-                "faiss-ivf-sq8", "uint8", f"float32 ({4 * mb:.0f} MB) exceeds the budget: IVF with 8-bit codes"
-            )
-        raise DsmdError(
-            f"evaluate.memory_budget_mb={memory_budget_mb}: {n_rows} x {dim} vectors need {mb:.0f} MB even "
-            "as 8-bit codes; raise the budget"
-        )
-    if n_rows < IVF_MIN_ROWS:
-        return IndexPlan("faiss-flat", "float32", f"{n_rows} rows: faiss flat inner product (exact)")
-    return IndexPlan("faiss-ivf", "float32", f"{n_rows} rows >= {IVF_MIN_ROWS}: faiss IVF (approximate)")
+            return exact16
+        raise too_big
+    # faiss asked for by name: the fast choice, IVF for large galleries.
+    if fits32:
+        return flat if n_rows < IVF_MIN_ROWS else ivf
+    if fits8:
+        return sq8
+    raise too_big
 
 
 def _check_vectors(name: str, vectors: np.ndarray, dim: int | None = None) -> np.ndarray:
@@ -129,6 +136,7 @@ class RetrievalIndex:
         self.ids = np.asarray(ids, dtype=np.int64)
         self.paths = None if paths is None else [str(p) for p in paths]
         self.meta = dict(meta or {})
+        self._row_of: dict[int, int] | None = None  # id -> row, built on first use of paths_of
 
     def __len__(self) -> int:
         return len(self.ids)
@@ -146,7 +154,9 @@ class RetrievalIndex:
         """Paths for ids returned by :meth:`search` (same nesting; None for -1)."""
         if self.paths is None:
             raise DsmdError("this index was built without paths")
-        row_of = {int(i): r for r, i in enumerate(self.ids)}
+        if self._row_of is None:
+            self._row_of = {int(i): r for r, i in enumerate(self.ids)}
+        row_of = self._row_of
         return [[self.paths[row_of[int(i)]] if i >= 0 else None for i in row] for row in np.atleast_2d(ids)]
 
     def _extra_meta(self) -> dict[str, Any]:
@@ -244,7 +254,7 @@ def _top_k_unsorted(scores: np.ndarray, k: int) -> np.ndarray:
     """Column indices of the k largest scores per row, in no particular order."""
     if scores.shape[1] <= k:
         return np.broadcast_to(np.arange(scores.shape[1]), scores.shape).copy()
-    return np.argpartition(-scores, k - 1, axis=1)[:, :k]
+    return np.argpartition(scores, scores.shape[1] - k, axis=1)[:, -k:]
 
 
 class FaissIndex(RetrievalIndex):

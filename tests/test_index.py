@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import DsmdError
-from stages.evaluate.index import ExactIndex, build_index, load_index, plan_index
+from stages.evaluate.index import ExactIndex, build_index, load_index, plan_index, time_search
 
 faiss = pytest.importorskip("faiss")
 
@@ -174,3 +174,11 @@ def test_bad_arguments():
         index.search(np.ones((1, 2), dtype=np.float32), 1)
     with pytest.raises(DsmdError, match="positive integer"):
         index.search(np.ones((1, 3), dtype=np.float32), 0)
+
+
+def test_time_search_reports_both_latencies():
+    rng = np.random.default_rng(7)
+    index = build_index(unit_vectors(rng, 100, 8))
+    timing = time_search(index, unit_vectors(rng, 5, 8), k=3, n_single=3)
+    assert set(timing) == {"single_query_ms", "batched_ms_per_query"}
+    assert all(value > 0 for value in timing.values())

@@ -126,6 +126,7 @@ def test_markdown(report_dir):
         assert f"(figures/{figure}.png)" in md
         assert (report_dir / "figures" / f"{figure}.png").stat().st_size > 1000
     assert "(figures/examples/q1_r1.png)" in md and "unreadable: missing.png" in md
+    assert "(figures/examples/q2.png)" in md
     assert "&lt;b&gt;next to&lt;/b&gt; a circle | with a pipe" in md
 
 
@@ -148,6 +149,13 @@ def test_no_paper_column_for_other_datasets(tmp_path, report_inputs):
     assert "teacher_rsum" not in metrics and not any(k.endswith("_ratio") for k in metrics)
     assert metrics["teacher_params"] == 1_900_000_000
     assert "training" not in md
+
+
+def test_rewrite_drops_old_figures(tmp_path, report_inputs):
+    write_report(tmp_path, **report_inputs)
+    assert (tmp_path / "figures" / "examples" / "q3_r1.png").exists()
+    write_report(tmp_path, **{**report_inputs, "examples": None, "pca_feats": None})
+    assert not (tmp_path / "figures" / "examples").exists() and not (tmp_path / "figures" / "pca.png").exists()
 
 
 def test_coco_has_its_paper_row(tmp_path, report_inputs):

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -30,7 +31,16 @@ import numpy as np
 
 from pipeline.errors import DsmdError
 
-__all__ = ["IndexPlan", "RetrievalIndex", "ExactIndex", "FaissIndex", "plan_index", "build_index", "load_index"]
+__all__ = [
+    "IndexPlan",
+    "RetrievalIndex",
+    "ExactIndex",
+    "FaissIndex",
+    "plan_index",
+    "build_index",
+    "load_index",
+    "time_search",
+]
 
 FORMAT = "dsmd-index"
 FORMAT_VERSION = 1
@@ -421,3 +431,19 @@ def load_index(directory: str | Path, *, mmap: bool = False) -> RetrievalIndex:
     if len(set(sizes.values())) != 1 or index.dim != header.get("dim"):
         raise DsmdError(f"{directory}: the saved parts disagree in size ({sizes}, dim {header.get('dim')})")
     return index
+
+
+def time_search(index: RetrievalIndex, queries: np.ndarray, k: int = 10, n_single: int = 100) -> dict[str, float]:
+    """Search latency: median milliseconds for one query per call (the online case) over up to ``n_single``
+    queries, and milliseconds per query when all ``queries`` go in one call (throughput)."""
+    queries = np.ascontiguousarray(_check_vectors("queries", queries, index.dim), dtype=np.float32)
+    index.search(queries[:1], k)  # warm-up: first-call allocations and thread start-up
+    single = []
+    for query in queries[:n_single]:
+        start = time.perf_counter()
+        index.search(query[None, :], k)
+        single.append(time.perf_counter() - start)
+    start = time.perf_counter()
+    index.search(queries, k)
+    batched = time.perf_counter() - start
+    return {"single_query_ms": 1000 * float(np.median(single)), "batched_ms_per_query": 1000 * batched / len(queries)}

@@ -22,6 +22,7 @@ import html
 import io
 import json
 import math
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -374,7 +375,9 @@ def write_report(
     """
     out_dir = Path(out_dir)
     figures_dir = out_dir / "figures"
-    figures_dir.mkdir(parents=True, exist_ok=True)
+    if figures_dir.is_dir():
+        shutil.rmtree(figures_dir)  # figures of an earlier report (e.g. one with more examples) must not linger
+    figures_dir.mkdir(parents=True)
     written: dict[str, Path] = {}
 
     flat, detail_keys = _write_metrics_json(out_dir / "metrics.json", student, teacher, chance, extra or {})
@@ -443,10 +446,14 @@ def _render_examples(examples: list[dict[str, Any]], figures_dir: Path) -> list[
         query = str(example.get("query", ""))
         html_parts = [f'<div class="query"><p><b>Query {q + 1}:</b> {html.escape(query)}</p>']
         md_cells, md_captions = [], []
+        query_md = ""
         if example.get("query_path"):
             png = _thumbnail(example["query_path"])
             if png:
                 html_parts.append(f'<img alt="query image" src="{_data_uri(png)}">')
+                thumbs_dir.mkdir(parents=True, exist_ok=True)
+                (thumbs_dir / f"q{q + 1}.png").write_bytes(png)
+                query_md = f"![query {q + 1}](figures/examples/q{q + 1}.png)\n\n"
         html_parts.append('<div class="results">')
         for r, result in enumerate(example["results"]):
             correct = bool(result.get("correct", False))
@@ -470,7 +477,7 @@ def _render_examples(examples: list[dict[str, Any]], figures_dir: Path) -> list[
             html_parts.append(f'<div class="{css}">{inner}<span>{html.escape(label)}</span></div>')
             md_captions.append(label)
         html_parts.append("</div></div>")
-        md = f"**Query {q + 1}:** {query.replace('<', '&lt;').replace('>', '&gt;')}\n\n"
+        md = f"**Query {q + 1}:** {query.replace('<', '&lt;').replace('>', '&gt;')}\n\n" + query_md
         if md_cells:
             md += _markdown_table([f"#{i + 1}" for i in range(len(md_cells))], [md_cells, md_captions]) + "\n"
         blocks.append({"html": "".join(html_parts), "md": md})

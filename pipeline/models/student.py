@@ -13,6 +13,7 @@ the config sizes a WordPiece vocabulary of whole words plus single characters bu
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import json
 from collections import Counter
 from collections.abc import Iterable, Sequence
@@ -99,8 +100,6 @@ def load_vocab_tokenizer(vocab_path: str | Path):
         raise DsmdError(f"vocabulary file {vocab_path} does not exist; build it with build_vocab(texts, path)")
     lines = vocab_path.read_text(encoding="utf-8").splitlines()
     # transformers 5 takes the file as ``vocab`` and silently ignores ``vocab_file``; 4.x wants ``vocab_file``.
-    import inspect
-
     params = inspect.signature(transformers.BertTokenizerFast.__init__).parameters
     key = "vocab" if "vocab" in params else "vocab_file"
     tokenizer = transformers.BertTokenizerFast(**{key: str(vocab_path)}, do_lower_case=True)
@@ -400,7 +399,7 @@ def load_student(directory: str | Path, map_location: str | torch.device = "cpu"
     weights_path = directory / WEIGHTS_FILE
     if not weights_path.is_file():
         raise DsmdError(f"{directory}: {WEIGHTS_FILE} is missing")
-    state = safetensors.torch.load_file(str(weights_path), device=str(map_location))
+    state = safetensors.torch.load_file(str(weights_path), device="cpu")
     try:
         student.load_state_dict(state)
     except RuntimeError as exc:

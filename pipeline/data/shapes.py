@@ -394,14 +394,26 @@ def scene_captions(scene: Scene, n: int, rng: np.random.Generator) -> list[str]:
 # ------------------------------------------------------------------------------------- generation
 
 
+def description_space() -> int:
+    """How many different descriptions exist (single + count + relation + triple)."""
+    items = len(SHAPES) * len(COLOURS)
+    single = items * len(SIZES) * len(POSITIONS)
+    count = items * len(SIZES) * len(COUNT_WORDS)
+    relation = items * (items - 1) * 2
+    triple = items * (items - 1) * (items - 2) // 6
+    return single + count + relation + triple
+
+
 def _split_scenes(rng: np.random.Generator, n: int, distinct: bool, split: str) -> list[Scene]:
+    # Rejection sampling slows down as the space fills up; half of it is plenty for any sensible demo.
+    if distinct and n > description_space() // 2:
+        raise DsmdError(
+            f"demo.n_{split}={n} is too many scenes with distinct descriptions (at most "
+            f"{description_space() // 2:,}); lower demo.n_{split}"
+        )
     scenes: list[Scene] = []
     seen: set[str] = set()
-    attempts = 0
     while len(scenes) < n:
-        attempts += 1
-        if attempts > 100 * n + 1000:
-            raise DsmdError(f"cannot find {n} {split} scenes with distinct descriptions; lower demo.n_{split}")
         scene = sample_scene(rng)
         if distinct:
             description = scene.description()

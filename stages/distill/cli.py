@@ -1,0 +1,25 @@
+"""`dsmd distill`."""
+
+from __future__ import annotations
+
+import typer
+
+from pipeline.console import get_config
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("distill")
+    def distill(
+        ctx: typer.Context,
+        resume: bool = typer.Option(
+            None,
+            "--resume/--fresh",
+            help="Resume from the last checkpoint (error if none) or start over. Default: resume when a "
+            "checkpoint of the same settings exists.",
+        ),
+    ) -> None:
+        """Train the student on the teacher features in the store (DSMD losses and balancer)."""
+        from stages.distill.train import run_distill
+
+        mode = "auto" if resume is None else ("yes" if resume else "no")
+        run_distill(get_config(ctx), resume=mode)

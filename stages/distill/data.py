@@ -1,0 +1,126 @@
+"""Training pairs: raw images and captions from the canonical dataset, teacher rows fetched by id from the store.
+
+Every caption of the split is one pair (its image, itself). Pairs whose image or caption has no valid teacher
+row (a bad image skipped at extraction) are left out up front, so every stage skips the same items.
+
+The order is a seeded permutation per epoch, cut into global batches; rank r of W takes its slice of each
+global batch. So a run on W ranks sees exactly the global batches of a single-process run with the same
+batch size, and a resumed run starts at the batch where the checkpoint stopped.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset, Sampler
+
+from pipeline.data.canonical import CanonicalDataset
+from pipeline.data.images import BadImageError, load_rgb
+
+
+@dataclass
+class PairBatch:
+    image_ids: torch.Tensor
+    caption_ids: torch.Tensor
+    pixels: torch.Tensor
+    tokens: dict[str, torch.Tensor]
+    teacher_image: torch.Tensor
+    teacher_text: torch.Tensor
+
+
+class PairRows(Dataset):
+    """Item k: (caption id, image id, image tensor, caption text)."""
+
+    def __init__(self, ds: CanonicalDataset, caption_ids: np.ndarray, image_transform: Callable):
+        self.ds = ds
+        self.caption_ids = np.asarray(caption_ids, dtype=np.int64)
+        self.image_of = ds.caption_image_ids()
+        self.texts = ds.captions.column("text").to_pylist()
+        self.transform = image_transform
+
+    def __len__(self) -> int:
+        return len(self.caption_ids)
+
+    def __getitem__(self, index: int):
+        caption_id = int(self.caption_ids[index])
+        image_id = int(self.image_of[caption_id])
+        try:
+            pixels = self.transform(load_rgb(self.ds.image_path(image_id)))
+        except BadImageError:
+            # The file changed after extraction; the collate function drops the pair.
+            pixels = None
+        return caption_id, image_id, pixels, self.texts[caption_id]
+
+
+class PairCollate:
+    """Tokenise the captions and fetch the batch's teacher rows; runs inside the loader workers."""
+
+    def __init__(self, tokenize: Callable[[list[str]], dict], open_reader: Callable, teacher: str):
+        self.tokenize = tokenize
+        self.open_reader = open_reader
+        self.teacher = teacher
+        self._reader = None
+
+    def __call__(self, items) -> PairBatch:
+        if self._reader is None:  # opened once per worker process, never pickled
+            self._reader = self.open_reader()
+        items = [item for item in items if item[2] is not None]
+        caption_ids = np.array([item[0] for item in items], dtype=np.int64)
+        image_ids = np.array([item[1] for item in items], dtype=np.int64)
+        return PairBatch(
+            image_ids=torch.from_numpy(image_ids),
+            caption_ids=torch.from_numpy(caption_ids),
+            pixels=torch.stack([item[2] for item in items]),
+            tokens=self.tokenize([item[3] for item in items]),
+            teacher_image=torch.from_numpy(self._reader.get(self.teacher, "image", image_ids)),
+            teacher_text=torch.from_numpy(self._reader.get(self.teacher, "text", caption_ids)),
+        )
+
+
+def usable_pairs(ds: CanonicalDataset, split: str, image_valid: np.ndarray, text_valid: np.ndarray) -> np.ndarray:
+    """Caption ids of the split whose image and caption both have a valid teacher row."""
+    caption_ids = ds.caption_ids(split)
+    image_of = ds.caption_image_ids()
+    keep = text_valid[caption_ids] & image_valid[image_of[caption_ids]]
+    return caption_ids[keep]
+
+
+class EpochBatches(Sampler[list[int]]):
+    """Index batches of one epoch for one rank: seeded permutation, whole global batches only."""
+
+    def __init__(
+        self,
+        n_items: int,
+        batch_size: int,
+        *,
+        seed: int,
+        epoch: int,
+        rank: int = 0,
+        world: int = 1,
+        start_batch: int = 0,
+    ):
+        if batch_size % world:
+            raise ValueError(f"batch size {batch_size} is not divisible by {world} ranks")
+        self.n_items, self.batch_size = n_items, batch_size
+        self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world
+        self.start_batch = start_batch
+
+    @staticmethod
+    def batches_per_epoch(n_items: int, batch_size: int) -> int:
+        # Incomplete last batches are dropped: every rank steps the same number of times and the hardest
+        # negative always has company.
+        return n_items // batch_size
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch(self.n_items, self.batch_size) - self.start_batch
+
+    def __iter__(self) -> Iterator[list[int]]:
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
+        order = torch.randperm(self.n_items, generator=generator)
+        per_rank = self.batch_size // self.world
+        for batch in range(self.start_batch, self.batches_per_epoch(self.n_items, self.batch_size)):
+            start = batch * self.batch_size + self.rank * per_rank
+            yield order[start : start + per_rank].tolist()

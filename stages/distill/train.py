@@ -1,0 +1,434 @@
+"""`dsmd distill`: train the student against the teacher features in the store (METHOD.md).
+
+Outputs under distill.out_dir: ``student/`` (the best student by validation RSUM: safetensors + card),
+``checkpoints/last.pt`` (everything to resume), ``train_log.csv`` (every loss, balancer weight and magnitude
+and the learning rate per optimiser step), ``val_log.csv`` (Recall@K per epoch) and ``summary.json``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import dataclasses
+import hashlib
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from pipeline.config import Config
+from pipeline.console import console, make_progress
+from pipeline.data.canonical import CanonicalDataset
+from pipeline.encode import encode_images, encode_texts
+from pipeline.errors import DsmdError
+from pipeline.models.student import Student, make_tokenizer, save_student
+from stages.distill.balancer import DynamicBalancer
+from stages.distill.checkpoint import LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from stages.distill.data import EpochBatches, PairCollate, PairRows, usable_pairs
+from stages.distill.ddp import Ranks, barrier, gather_plain, gather_with_grad, init_from_torchrun, shutdown
+from stages.distill.losses import DistillationLosses
+from stages.evaluate.metrics import retrieval_metrics
+from store import open_store
+
+# Settings that change how a run executes but not what it computes: a checkpoint stays resumable across them.
+RUNTIME_SETTINGS = {"device", "loader_workers", "checkpoint_every", "out_dir", "tensorboard", "load_store_in_ram"}
+
+
+def config_digest(cfg: Config, dataset_fingerprint: str) -> str:
+    distill = {k: v for k, v in dataclasses.asdict(cfg.distill).items() if k not in RUNTIME_SETTINGS}
+    payload = {"student": dataclasses.asdict(cfg.student), "distill": distill, "dataset": dataset_fingerprint}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def _device(name: str, ranks: Ranks) -> torch.device:
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and ranks.distributed:
+        return torch.device("cuda", ranks.local_rank)
+    return torch.device(name)
+
+
+def _autocast(device: torch.device, precision: str):
+    if device.type == "cuda" and precision in ("auto", "bf16", "fp16"):
+        return torch.autocast("cuda", dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+class _Tokenize:
+    """A picklable tokenise function for loader workers (the model itself stays in the main process)."""
+
+    def __init__(self, tokenizer, max_len: int):
+        self.tokenizer, self.max_len = tokenizer, max_len
+
+    def __call__(self, texts: list[str]) -> dict:
+        out = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+
+class _OpenReader:
+    def __init__(self, path: str, fingerprint: str, teacher: str, in_memory: bool):
+        self.args = (path, fingerprint, teacher, in_memory)
+
+    def __call__(self):
+        path, fingerprint, teacher, in_memory = self.args
+        return open_store(path, dataset_fingerprint=fingerprint, teacher=teacher, in_memory=in_memory)
+
+
+class CsvLog:
+    """Append-only CSV; on resume, rows after the checkpoint's step are dropped so none is logged twice."""
+
+    def __init__(self, path: Path, columns: list[str], keep_until_step: int | None):
+        self.path, self.columns = path, columns
+        rows = []
+        if keep_until_step is not None and path.exists():
+            with path.open() as handle:
+                rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= keep_until_step]
+        with path.open("w", newline="") as handle:
+            writer = csv.DictWriter(handle, columns, extrasaction="ignore")
+            writer.writeheader()
+            writer.writerows(rows)
+
+    def write(self, row: dict) -> None:
+        with self.path.open("a", newline="") as handle:
+            csv.DictWriter(handle, self.columns, extrasaction="ignore").writerow(row)
+
+
+class Trainer:
+    def __init__(self, cfg: Config, resume: str = "auto"):
+        self.cfg = cfg
+        dc = cfg.distill
+        self.ranks = init_from_torchrun("cuda" if dc.device.startswith("cuda") else "cpu")
+        self.device = _device(dc.device, self.ranks)
+        if dc.method != "dsmd":
+            raise DsmdError(f"distill.method={dc.method!r} is not available yet; use dsmd")
+        micro = dc.batch_size // dc.grad_accum
+        if dc.batch_size % dc.grad_accum or micro % self.ranks.world:
+            raise DsmdError(
+                f"distill.batch_size ({dc.batch_size}) must split evenly into grad_accum ({dc.grad_accum}) "
+                f"micro-batches over {self.ranks.world} rank(s)"
+            )
+        self.micro_batch = micro  # pairs per forward pass, summed over ranks
+        self.out = Path(dc.out_dir)
+        self.ds = CanonicalDataset.load(cfg.data.canonical_dir)
+        self.reader = open_store(cfg.extract.store, dataset_fingerprint=self.ds.fingerprint, teacher=dc.teacher)
+        self.dim = self.reader.dim(dc.teacher, "image")
+        image_valid = self.reader.valid(dc.teacher, "image")
+        text_valid = self.reader.valid(dc.teacher, "text")
+        self.train_pairs = usable_pairs(self.ds, "train", image_valid, text_valid)
+        if len(self.train_pairs) < dc.batch_size:
+            raise DsmdError(
+                f"only {len(self.train_pairs)} usable training pairs, fewer than distill.batch_size "
+                f"({dc.batch_size}); lower the batch size or check the dataset and store"
+            )
+        val_images = self.ds.image_ids("val")
+        self.val_images = val_images[image_valid[val_images]]
+        val_captions = usable_pairs(self.ds, "val", image_valid, text_valid)
+        self.val_captions = val_captions
+        self.digest = config_digest(cfg, self.ds.fingerprint)
+
+        torch.manual_seed(dc.seed)
+        tokenizer = make_tokenizer(
+            cfg.student, self.out / "vocab", texts=self.ds.texts(self.ds.caption_ids("train"))
+        )
+        self.student = Student(cfg.student, self.dim, tokenizer=tokenizer).to(self.device)
+        self.model = (
+            DistributedDataParallel(self.student, device_ids=[self.device] if self.device.type == "cuda" else None)
+            if self.ranks.distributed
+            else self.student
+        )
+        self.losses = DistillationLosses(dc.losses, self.dim).to(self.device)
+        self.balancer = DynamicBalancer.from_config(self.losses.names, dc.balancer)
+        self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=dc.lr, weight_decay=dc.weight_decay)
+        self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, dc.lr_step_epochs, dc.lr_gamma)
+        self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and dc.precision == "fp16")
+
+        self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
+        self.best_rsum, self.best_epoch = -1.0, -1
+        resumed_step = self._maybe_resume(resume)
+        loss_columns = [*self._value_names(), "total"]
+        balancer_columns = [f"{p}_{n}" for p in ("w", "a", "r") for n in self.losses.names]
+        self.log = CsvLog(
+            self.out / "train_log.csv",
+            ["step", "epoch", "lr", *loss_columns, *balancer_columns, "samples_per_s"],
+            resumed_step,
+        ) if self.ranks.is_main else None
+        self.val_log = CsvLog(
+            self.out / "val_log.csv",
+            ["step", "epoch", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"],
+            resumed_step,
+        ) if self.ranks.is_main else None
+        self.tensorboard = self._tensorboard() if dc.tensorboard and self.ranks.is_main else None
+
+    # ------------------------------------------------------------------------------------------ state
+
+    def _value_names(self) -> list[str]:
+        probe = torch.nn.functional.normalize(torch.ones(2, self.dim), dim=-1).to(self.device)
+        with torch.no_grad():
+            values = self.losses(probe, probe, probe, probe, torch.arange(2, device=self.device))
+        return list(values)
+
+    def _state(self) -> dict:
+        return {
+            "digest": self.digest,
+            "model": self.student.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "losses": self.losses.state_dict(),
+            "balancer": self.balancer.state_dict(),
+            "rng": rng_state(),
+            "progress": {"epoch": self.epoch, "batch_in_epoch": self.batch_in_epoch, "step": self.step},
+            "best": {"rsum": self.best_rsum, "epoch": self.best_epoch},
+        }
+
+    def _save(self) -> None:
+        if self.ranks.is_main:
+            save_checkpoint(self.out / "checkpoints" / LAST, self._state())
+        barrier(self.ranks)
+
+    def _maybe_resume(self, resume: str) -> int | None:
+        path = self.out / "checkpoints" / LAST
+        if resume == "no" or (resume == "auto" and not path.exists()):
+            return None
+        state = load_checkpoint(path)
+        if state.get("digest") != self.digest:
+            message = (
+                f"{path} was written by a run with other settings or another dataset; "
+                "it cannot be resumed with this configuration"
+            )
+            if resume == "yes":
+                raise DsmdError(message + " (run without --resume to start over)")
+            console.print(f"[yellow]{message}: starting a fresh run[/yellow]")
+            return None
+        self.student.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.losses.load_state_dict(state["losses"])
+        self.balancer.load_state_dict(state["balancer"])
+        set_rng_state(state["rng"])
+        progress = state["progress"]
+        self.epoch, self.batch_in_epoch, self.step = progress["epoch"], progress["batch_in_epoch"], progress["step"]
+        self.best_rsum, self.best_epoch = state["best"]["rsum"], state["best"]["epoch"]
+        console.print(f"resuming {path}: epoch {self.epoch}, batch {self.batch_in_epoch}, step {self.step}")
+        return self.step
+
+    def _tensorboard(self):
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            raise DsmdError(
+                "distill.tensorboard is on but the tensorboard package is missing: pip install tensorboard"
+            ) from None
+        return SummaryWriter(str(self.out / "tensorboard"))
+
+    # ------------------------------------------------------------------------------------------ data
+
+    def _loader(self, epoch: int, start_batch: int) -> DataLoader:
+        dc = self.cfg.distill
+        sampler = EpochBatches(
+            len(self.train_pairs),
+            self.micro_batch,
+            seed=dc.seed,
+            epoch=epoch,
+            rank=self.ranks.rank,
+            world=self.ranks.world,
+            start_batch=start_batch,
+        )
+        collate = PairCollate(
+            _Tokenize(self.student.tokenizer, self.cfg.student.max_text_len),
+            _OpenReader(self.cfg.extract.store, self.ds.fingerprint, dc.teacher, dc.load_store_in_ram),
+            dc.teacher,
+        )
+        return DataLoader(
+            PairRows(self.ds, self.train_pairs, self.student.image_transform(train=True)),
+            batch_sampler=sampler,
+            num_workers=dc.loader_workers,
+            collate_fn=collate,
+            pin_memory=self.device.type == "cuda",
+            persistent_workers=False,
+            prefetch_factor=4 if dc.loader_workers > 0 else None,
+            # Its own generator: creating the loader must not consume the global RNG a resumed run restores.
+            generator=torch.Generator().manual_seed(dc.seed + epoch),
+        )
+
+    # ------------------------------------------------------------------------------------------ steps
+
+    def _forward(self, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor, tuple]:
+        dev = self.device
+        pixels = batch.pixels.to(dev, non_blocking=True)
+        tokens = {k: v.to(dev, non_blocking=True) for k, v in batch.tokens.items()}
+        if self.ranks.distributed and len(batch.image_ids) != self.micro_batch // self.ranks.world:
+            raise DsmdError("an image failed to decode during multi-GPU training; run `dsmd data check` and re-extract")
+        with _autocast(dev, self.cfg.distill.precision):
+            s_v, s_t = self.model(pixels, tokens["input_ids"], tokens["attention_mask"])
+        # Losses in float32, over the global batch: in-batch negatives come from every rank.
+        s_v = gather_with_grad(s_v.float(), self.ranks)
+        s_t = gather_with_grad(s_t.float(), self.ranks)
+        t_v = gather_plain(batch.teacher_image.to(dev).float(), self.ranks)
+        t_t = gather_plain(batch.teacher_text.to(dev).float(), self.ranks)
+        ids = gather_plain(batch.image_ids.to(dev), self.ranks)
+        values = self.losses(s_v, s_t, t_v, t_t, ids)
+        total = self.balancer(self.losses.top_level(values))
+        return values, total, (t_v, t_t, ids)
+
+    def _optimizer_step(self) -> None:
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        self.balancer.end_step()
+
+    def train(self) -> dict:
+        dc = self.cfg.distill
+        self.out.mkdir(parents=True, exist_ok=True)
+        steps_per_epoch = EpochBatches.batches_per_epoch(len(self.train_pairs), self.micro_batch) // dc.grad_accum
+        started = time.perf_counter()
+        samples = 0
+        while self.epoch < dc.epochs:
+            self.model.train()
+            loader = self._loader(self.epoch, self.batch_in_epoch)
+            sums: dict[str, float] = {}
+            micro_in_step = 0
+            with make_progress() as progress:
+                task = progress.add_task(
+                    f"epoch {self.epoch + 1}/{dc.epochs}",
+                    total=steps_per_epoch,
+                    completed=self.batch_in_epoch // dc.grad_accum,
+                    rate="",
+                )
+                step_started = time.perf_counter()
+                for batch in loader:
+                    sync = micro_in_step + 1 == dc.grad_accum
+                    no_sync = self.model.no_sync if self.ranks.distributed and not sync else contextlib.nullcontext
+                    with no_sync():
+                        values, total, teacher = self._forward(batch)
+                        self.scaler.scale(total / dc.grad_accum).backward()
+                    self.losses.enqueue(*teacher)
+                    for name, value in values.items():
+                        sums[name] = sums.get(name, 0.0) + float(value.detach())
+                    sums["total"] = sums.get("total", 0.0) + float(total.detach())
+                    micro_in_step += 1
+                    self.batch_in_epoch += 1
+                    if not sync:
+                        continue
+                    self._optimizer_step()
+                    elapsed = time.perf_counter() - step_started
+                    rate = dc.batch_size / elapsed if elapsed > 0 else 0.0
+                    samples += dc.batch_size
+                    self._log_step({k: v / micro_in_step for k, v in sums.items()}, rate)
+                    sums, micro_in_step = {}, 0
+                    progress.update(task, advance=1, rate=f"{rate:.0f} pairs/s")
+                    if dc.checkpoint_every > 0 and self.step % dc.checkpoint_every == 0:
+                        self._save()
+                    step_started = time.perf_counter()
+            self.scheduler.step()
+            self.balancer.end_epoch()
+            self.epoch += 1
+            self.batch_in_epoch = 0
+            self._end_of_epoch()
+            self._save()
+        seconds = time.perf_counter() - started
+        summary = self._finish(samples, seconds)
+        shutdown(self.ranks)
+        return summary
+
+    def _log_step(self, means: dict[str, float], rate: float) -> None:
+        if self.log is None:
+            return
+        row = {"step": self.step, "epoch": self.epoch, "lr": self.optimizer.param_groups[0]["lr"], **means}
+        row.update({f"w_{n}": v for n, v in self.balancer.weights.items()})
+        row.update({f"a_{n}": v for n, v in self.balancer.magnitudes.items()})
+        row.update({f"r_{n}": v for n, v in self.balancer.rates.items()})
+        row["samples_per_s"] = rate
+        self.log.write(row)
+        if self.tensorboard is not None:
+            for key, value in row.items():
+                if key != "step":
+                    self.tensorboard.add_scalar(key, value, self.step)
+
+    # ------------------------------------------------------------------------------------------ validation
+
+    def validate(self) -> dict[str, float] | None:
+        if len(self.val_images) == 0 or len(self.val_captions) == 0:
+            return None
+        student, dc, ev = self.student, self.cfg.distill, self.cfg.evaluate
+        student.eval()
+        image_emb, decoded = encode_images(
+            student.encode_image,
+            self.ds,
+            self.val_images,
+            student.image_transform(),
+            dim=self.dim,
+            batch_size=ev.batch_size,
+            device=self.device,
+            workers=dc.loader_workers,
+        )
+        text_emb = encode_texts(
+            student.encode_text,
+            _Tokenize(student.tokenizer, self.cfg.student.max_text_len),
+            self.ds.texts(self.val_captions),
+            batch_size=ev.batch_size,
+            device=self.device,
+        )
+        student.train()
+        row_of = {int(image_id): row for row, image_id in enumerate(self.val_images)}
+        caption_image = np.array([row_of[int(i)] for i in self.ds.caption_image_ids()[self.val_captions]])
+        keep = decoded[caption_image]
+        image_emb[~decoded] = 0.0
+        return retrieval_metrics(image_emb, text_emb[keep], caption_image[keep], ev.ks)
+
+    def _card(self, metrics: dict | None) -> dict:
+        return {
+            "teacher": self.cfg.distill.teacher,
+            "teacher_provenance": self.reader.provenance(self.cfg.distill.teacher, "image").get("teacher", {}),
+            "dataset": {"name": self.ds.name, "fingerprint": self.ds.fingerprint},
+            "store": str(self.cfg.extract.store),
+            "method": self.cfg.distill.method,
+            "epoch": self.epoch,
+            "step": self.step,
+            "val_metrics": metrics or {},
+        }
+
+    def _end_of_epoch(self) -> None:
+        if self.ranks.is_main:
+            metrics = self.validate()
+            if metrics is not None:
+                self.val_log.write({"step": self.step, "epoch": self.epoch, **metrics})
+                console.print(
+                    f"epoch {self.epoch}: val RSUM {metrics['rsum']:.1f} "
+                    f"(i2t R@1 {metrics['i2t_r1']:.1f}, t2i R@1 {metrics['t2i_r1']:.1f})"
+                )
+                if metrics["rsum"] > self.best_rsum:
+                    self.best_rsum, self.best_epoch = metrics["rsum"], self.epoch
+                    save_student(self.student, self.out / "student", self._card(metrics))
+            elif self.epoch == self.cfg.distill.epochs:
+                save_student(self.student, self.out / "student", self._card(None))
+        barrier(self.ranks)
+
+    def _finish(self, samples: int, seconds: float) -> dict:
+        summary = {
+            "epochs": self.cfg.distill.epochs,
+            "steps": self.step,
+            "best_epoch": self.best_epoch,
+            "best_val_rsum": self.best_rsum,
+            "train_pairs": int(len(self.train_pairs)),
+            "seconds_this_run": round(seconds, 2),
+            "pairs_per_s": round(samples / seconds, 2) if seconds > 0 else 0.0,
+            "student_parameters": sum(p.numel() for p in self.student.parameters()),
+        }
+        if self.ranks.is_main:
+            (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            console.print(
+                f"[green]distill done[/green]: {self.step} steps, best val RSUM {self.best_rsum:.1f} "
+                f"at epoch {self.best_epoch}; student in {self.out / 'student'}"
+            )
+        return summary
+
+
+def run_distill(cfg: Config, resume: str = "auto") -> dict:
+    return Trainer(cfg, resume).train()

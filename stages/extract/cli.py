@@ -1,0 +1,40 @@
+"""`dsmd extract`."""
+
+from __future__ import annotations
+
+import typer
+
+from pipeline.console import get_config
+
+
+def register(app: typer.Typer) -> None:
+    @app.command("extract")
+    def extract(
+        ctx: typer.Context,
+        device: str | None = typer.Option(None, help="auto | cpu | cuda | cuda:N (extract.device)."),
+        image_batch_size: int | None = typer.Option(None, help="Images per teacher batch."),
+        text_batch_size: int | None = typer.Option(None, help="Captions per teacher batch."),
+        dtype: str | None = typer.Option(None, help="Store dtype: float16 | float32."),
+        workers: int | None = typer.Option(None, help="Image loader worker processes."),
+        dask_workers: int | None = typer.Option(None, help="Local Dask cluster of N workers (0: in-process)."),
+        scheduler: str | None = typer.Option(None, help="Address of a running Dask scheduler."),
+    ) -> None:
+        """Run the teacher over the dataset and fill the feature store (resumes where a killed run stopped)."""
+        from pipeline.config import load_config
+        from stages.extract.run import run_extract
+
+        cfg = get_config(ctx)
+        flags = {
+            "extract.device": device,
+            "extract.image_batch_size": image_batch_size,
+            "extract.text_batch_size": text_batch_size,
+            "extract.dtype": dtype,
+            "extract.loader_workers": workers,
+            "extract.dask_workers": dask_workers,
+            "extract.dask_scheduler": scheduler,
+        }
+        extra = [f"{key}={value}" for key, value in flags.items() if value is not None]
+        if extra:
+            root = ctx.find_root().obj
+            cfg = load_config(root["params"], [*root["overrides"], *extra])
+        run_extract(cfg)

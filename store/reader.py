@@ -6,33 +6,18 @@ file (HDF5): a batch is sorted, cut at shard borders, gathered per shard and put
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
 
+from store import stitch
 from store.backends import Backend, open_backend
 from store.common import layout_from_root, recorded_dataset_name
 from store.errors import StoreError
-from store.layout import KINDS, Layout, check_kind
+from store.layout import Layout, check_kind
 from store.marks import ShardMark
-
-
-@functools.cache
-def _half_to_single() -> np.ndarray:
-    """float16 bit pattern -> float32 value for all 65536 patterns (numpy's own cast, so exact). A table
-    look-up converts a batch faster than numpy's element-wise float16 cast."""
-    return np.arange(1 << 16, dtype=np.uint32).astype(np.uint16).view(np.float16).astype(np.float32)
-
-
-def to_float32(rows: np.ndarray) -> np.ndarray:
-    if rows.dtype == np.float32:
-        return rows
-    if rows.dtype.kind == "f" and rows.dtype.itemsize == 2:
-        bits = rows.view(np.uint16) if rows.dtype.isnative else rows.astype(np.float16).view(np.uint16)
-        return np.take(_half_to_single(), bits)
-    return rows.astype(np.float32)
+from store.numeric import to_float32
 
 
 class _ArrayRows:
@@ -51,8 +36,35 @@ class _ArrayRows:
         self.done = np.zeros(self.n_shards, dtype=bool)
         self.done[list(self.marks)] = True
         self._views: list[np.ndarray | None] = [None] * self.n_shards
-        # One array for all rows (HDF5's memory map, or the in-RAM copy): no per-shard gathering needed.
+        # One array for all rows (HDF5's memory map, the zarr shards stitched together, or the in-RAM copy)
+        # turns a batch into one gather instead of one per shard.
         self._whole: np.ndarray | None = backend.full_view(teacher, kind)
+        self._stitched: stitch.StitchedRows | None = None
+        if self._whole is None and hasattr(backend, "shard_location"):
+            self._stitch(np.flatnonzero(self.done))
+
+    def _stitch(self, shards: np.ndarray) -> None:
+        """Add finished shards to the stitched view; give it up (per-shard maps) if a shard cannot join."""
+        if self._stitched is None:
+            if self._whole is not None or not stitch.supported(self.layout.rows_per_shard, self.dim,
+                                                               self.dtype.itemsize):
+                return
+            try:
+                self._stitched = stitch.StitchedRows(self.rows, self.dim, self.dtype, self.layout.rows_per_shard)
+            except OSError:
+                return
+        for shard in shards.tolist():
+            start, stop = self.layout.shard_rows(self.kind, shard)
+            location = self._backend.shard_location(self.teacher, self.kind, shard, start, stop)
+            try:
+                if location is None:
+                    raise OSError("rows not stored plainly")
+                self._stitched.map_shard(shard, location[0], location[1], stop - start)
+            except OSError:
+                self._stitched = None
+                self._whole = None
+                return
+        self._whole = self._stitched.array
 
     # -- completion ---------------------------------------------------------------------------------
     def _refresh(self, shards: np.ndarray) -> None:
@@ -62,6 +74,8 @@ class _ArrayRows:
             if mark is not None:
                 self.marks[shard] = mark
                 self.done[shard] = True
+                if self._stitched is not None:
+                    self._stitch(np.array([shard]))
 
     def require(self, shards: np.ndarray) -> None:
         if self.done[shards].all():
@@ -132,6 +146,7 @@ class _ArrayRows:
             start, stop = self.layout.shard_rows(self.kind, shard)
             whole[start:stop] = self.view(shard)
         self._whole = whole
+        self._stitched = None
         self._views = [None] * self.n_shards
 
     def valid(self) -> np.ndarray:
@@ -155,6 +170,7 @@ class StoreReader:
         self.layout = layout_from_root(root, path)
         self._arrays: dict[tuple[str, str], _ArrayRows] = {}
         self._present = backend.list_arrays()
+        self._in_ram: set[tuple[str, str]] = set()
 
     @property
     def backend(self) -> str:
@@ -281,7 +297,13 @@ class StoreReader:
         for teacher, kind in self._present:
             if (teachers is None or teacher in teachers) and (kinds is None or kind in kinds):
                 self._array(teacher, kind).load()
+                self._in_ram.add((teacher, kind))
         return self
+
+    def __reduce__(self):
+        # Maps and file handles do not travel: a copy sent to another process (e.g. a spawned data-loader
+        # worker) opens the store again, and loads the same arrays into its own RAM.
+        return _reopen, (self.path, self._backend.name, sorted(self._in_ram))
 
     def nbytes(self, teachers: Sequence[str] | None = None, kinds: Sequence[str] | None = None) -> int:
         """RAM that load_all would take for these arrays."""
@@ -339,6 +361,13 @@ def open_store(
     return reader
 
 
+def _reopen(path: Path, backend: str, in_ram: list[tuple[str, str]]) -> StoreReader:
+    reader = open_store(path, backend=backend)
+    for teacher, kind in in_ram:
+        reader.load_all([teacher], [kind])
+    return reader
+
+
 def _check_reader(
     reader: StoreReader,
     dataset_fingerprint: str | None,
@@ -377,4 +406,4 @@ def _check_reader(
                 )
 
 
-__all__ = ["StoreReader", "open_store", "to_float32", "KINDS"]
+__all__ = ["StoreReader", "open_store"]

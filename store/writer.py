@@ -34,6 +34,7 @@ from store.layout import (
     stable_provenance,
 )
 from store.marks import ShardMark
+from store.numeric import to_float32
 
 _LIST_AT_MOST = 10
 
@@ -248,11 +249,16 @@ def rows_sha256(rows: np.ndarray) -> str:
 
 def row_norm_problems(rows: np.ndarray, valid: np.ndarray, first_row: int, tolerance: float) -> list[str]:
     """Row ids (with what is wrong) among valid rows that are not finite or not of unit norm."""
-    as32 = np.asarray(rows, dtype=np.float32)
-    finite = np.isfinite(as32).all(axis=1)
-    norms = np.sqrt(np.einsum("ij,ij->i", as32.astype(np.float64), as32.astype(np.float64)))
-    problems = [f"row {first_row + i} is not finite (NaN or inf)" for i in np.flatnonzero(valid & ~finite)]
-    off = valid & finite & (np.abs(norms - 1.0) > tolerance)
+    as32 = to_float32(rows)
+    squares = np.einsum("ij,ij->i", as32, as32)
+    # A non-finite sum means a NaN or inf in the row, or (float32 rows only) squares too large to add up.
+    suspicious = np.flatnonzero(valid & ~np.isfinite(squares))
+    not_finite = [i for i in suspicious.tolist() if not np.isfinite(as32[i]).all()]
+    problems = [f"row {first_row + i} is not finite (NaN or inf)" for i in not_finite]
+    norms = np.sqrt(squares.astype(np.float64))
+    with np.errstate(invalid="ignore"):
+        off = valid & ~(np.abs(norms - 1.0) <= tolerance)
+    off[not_finite] = False
     problems += [f"row {first_row + i} has norm {norms[i]:.5f}" for i in np.flatnonzero(off)]
     return problems
 
@@ -298,7 +304,10 @@ def prepare_rows(
         valid_mask[row - start] = False
     stored = np.zeros((rows, dim), dtype=np.dtype(dtype).newbyteorder("<"))
     with np.errstate(over="ignore", invalid="ignore"):
-        stored[valid_mask] = values[valid_mask]
+        if valid_mask.all():
+            stored[...] = values
+        else:
+            stored[valid_mask] = values[valid_mask]
     problems = row_norm_problems(stored, valid_mask, start, NORM_TOLERANCE[dtype])
     if problems:
         raise StoreError(

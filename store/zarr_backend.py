@@ -168,20 +168,26 @@ class ZarrBackend:
         return marks
 
     # -- reading ------------------------------------------------------------------------------------
-    def shard_view(self, teacher: str, kind: str, shard: int, start: int, stop: int) -> np.ndarray:
-        """Rows [start, stop) of a finished shard: a read-only memory map of the shard file when its inner
-        chunks are stored uncompressed and in order (always, for shards this package writes); else the
-        rows decoded by zarr into memory."""
+    def shard_location(self, teacher: str, kind: str, shard: int, start: int, stop: int) -> tuple[Path, int] | None:
+        """(file, offset) where the finished shard's rows lie as raw little-endian values, one after
+        another: always so for shards this package writes (uncompressed, chunks in order). None if not."""
         path = self.shard_file(teacher, kind, shard)
-        array = self._array(teacher, kind)
         if not path.is_file():
             raise StoreError(
                 f"{path}: shard file of {teacher}/{kind} shard {shard} is missing although the shard is marked "
                 "complete; delete its mark in marks/ and rerun dsmd extract to redo it"
             )
-        offset = _contiguous_offset(path, array, stop - start)
-        if offset is None:
+        offset = _contiguous_offset(path, self._array(teacher, kind), stop - start)
+        return None if offset is None else (path, offset)
+
+    def shard_view(self, teacher: str, kind: str, shard: int, start: int, stop: int) -> np.ndarray:
+        """Rows [start, stop) of a finished shard: a read-only memory map of the shard file, or the rows
+        decoded by zarr into memory when they are not stored plainly."""
+        array = self._array(teacher, kind)
+        location = self.shard_location(teacher, kind, shard, start, stop)
+        if location is None:
             return np.asarray(array[start:stop])
+        path, offset = location
         return np.memmap(path, dtype=array.dtype.newbyteorder("<"), mode="r", offset=offset,
                          shape=(stop - start, array.shape[1]))
 

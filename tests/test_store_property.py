@@ -7,10 +7,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from store import FeatureStore, open_store
+from store import FeatureStore, open_store, stitch
 from store.testing import fill, unit_rows
 
-N, DIM = 517, 12  # a partial last shard: 517 = 4 * 128 + 5
+N, DIM = 517, 8  # partial last shards: 517 = 4 * 128 + 5 = 2 * 256 + 5
 SKIPPED = {0: "bad", 200: "bad", 516: "bad"}
 
 
@@ -21,21 +21,24 @@ def stores(tmp_path_factory):
     reference = values.astype(np.float16)
     reference[list(SKIPPED)] = 0
     readers = {}
-    for suffix in (".zarr", ".h5"):
-        path = root / f"s{suffix}"
+    # 128 rows x 8 x 2 bytes = 2 KiB: zarr shards read one by one; 256 rows: 4 KiB pages, stitched together.
+    for suffix, rows_per_shard in ((".zarr", 128), (".h5", 128), (".zarr", 256)):
+        path = root / f"s{rows_per_shard}{suffix}"
         with FeatureStore.create_or_open(path, dataset_fingerprint="p" * 64, n_images=N, n_captions=N,
-                                         rows_per_shard=128, rows_per_chunk=32) as store:
+                                         rows_per_shard=rows_per_shard, rows_per_chunk=32) as store:
             store.ensure_array("t", "image", DIM)
             fill(store, "t", "image", values, SKIPPED)
-        readers[suffix] = open_store(path)
-        readers[suffix + " in RAM"] = open_store(path, teacher="t", kinds=("image",), in_memory=True)
+        readers[path.name] = open_store(path)
+        readers[path.name + " in RAM"] = open_store(path, teacher="t", kinds=("image",), in_memory=True)
+    stitched = [name for name, r in readers.items() if r._array("t", "image")._stitched is not None]
+    assert stitched == ["s256.zarr"] or not stitch.supported(256, DIM, 2)
     yield reference, readers
     for reader in readers.values():
         reader.close()
 
 
 @settings(max_examples=60, deadline=None)
-@given(ids=st.lists(st.integers(min_value=0, max_value=N - 1), max_size=300), which=st.integers(0, 3))
+@given(ids=st.lists(st.integers(min_value=0, max_value=N - 1), max_size=300), which=st.integers(0, 5))
 def test_get_matches_numpy_reference(stores, ids, which):
     reference, readers = stores
     reader = list(readers.values())[which]

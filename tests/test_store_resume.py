@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -213,3 +214,25 @@ def test_hdf5_allows_one_writer(tmp_path):
             FeatureStore.create_or_open(path, **ARGS)
     finally:
         kill(proc)
+
+
+def _read_in_child(reader, ids, queue) -> None:
+    queue.put(reader.get("t", "image", ids))
+
+
+@pytest.mark.parametrize("method", ["fork", "spawn"])
+def test_reader_works_in_data_loader_style_workers(tmp_path, reference, method):
+    """A reader opened in the parent serves forked children (inherited maps) and spawned ones (reopened)."""
+    context = multiprocessing.get_context(method)
+    ids = np.array([699, 0, 3, 256, 256, 130])
+    with open_store(reference) as reader:
+        want = reader.get("t", "image", ids)
+        queue = context.Queue()
+        proc = context.Process(target=_read_in_child, args=(reader, ids, queue))
+        proc.start()
+        got = queue.get(timeout=120)
+        proc.join(timeout=60)
+        assert proc.exitcode == 0 and np.array_equal(got, want)
+    with open_store(reference, in_memory=True) as reader:
+        copy = pickle.loads(pickle.dumps(reader))
+        assert copy._in_ram == {("t", "image")} and np.array_equal(copy.get("t", "image", ids), want)

@@ -19,15 +19,23 @@ PROVENANCE = {
 }
 SKIPPED = {5: "truncated JPEG", 130: "missing file", 299: "CMYK decode failed"}
 
+# dim 32: 128-row shards fill whole 4 KiB pages, so zarr shards are stitched into one view; dim 24: per shard.
+READ_PATHS = [(".zarr", 24), (".zarr", 32), (".h5", 24)]
 
-def make_store(path, *, dtype="float16", backend="auto", complete=True):
-    images, texts = unit_rows(N_IMAGES, DIM, 1), unit_rows(N_CAPTIONS, DIM, 2)
+
+def assert_read_path(reader, suffix, dim):
+    array = reader._array("tiny", "text")
+    assert (array._stitched is not None) == (suffix == ".zarr" and dim == 32)
+
+
+def make_store(path, *, dtype="float16", backend="auto", complete=True, dim=DIM):
+    images, texts = unit_rows(N_IMAGES, dim, 1), unit_rows(N_CAPTIONS, dim, 2)
     with FeatureStore.create_or_open(
         path, backend=backend, dataset_fingerprint=FP, n_images=N_IMAGES, n_captions=N_CAPTIONS,
         rows_per_shard=128, rows_per_chunk=32, dataset_name="toy",
     ) as store:
-        store.ensure_array("tiny", "image", DIM, dtype=dtype, provenance=PROVENANCE)
-        store.ensure_array("tiny", "text", DIM, dtype=dtype, provenance=PROVENANCE)
+        store.ensure_array("tiny", "image", dim, dtype=dtype, provenance=PROVENANCE)
+        store.ensure_array("tiny", "text", dim, dtype=dtype, provenance=PROVENANCE)
         fill(store, "tiny", "image", images, SKIPPED)
         fill(store, "tiny", "text", texts, shards=None if complete else [0, 1, 3])
     return images, texts
@@ -68,15 +76,19 @@ def test_round_trip_any_order(tmp_path, suffix, dtype):
         assert native.dtype == np.dtype(dtype)
 
 
-@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
-def test_rows_are_memory_mapped_not_decoded(tmp_path, suffix):
+@pytest.mark.parametrize(("suffix", "dim"), READ_PATHS)
+def test_rows_are_memory_mapped_not_decoded(tmp_path, suffix, dim):
     path = tmp_path / f"features{suffix}"
-    make_store(path)
+    make_store(path, dim=dim)
     with open_store(path) as reader:
+        assert_read_path(reader, suffix, dim)
         reader.get("tiny", "text", np.array([0, 500]))
         array = reader._array("tiny", "text")
-        mapped = array._whole if array._whole is not None else array.view(0)
-        assert isinstance(mapped, np.memmap) or isinstance(mapped.base, np.memmap)
+        if array._stitched is not None:
+            assert array._whole is array._stitched.array  # shard files mapped side by side
+        else:
+            mapped = array._whole if array._whole is not None else array.view(0)
+            assert isinstance(mapped, np.memmap) or isinstance(mapped.base, np.memmap)
 
 
 def test_in_memory_and_streaming(tmp_path):
@@ -195,14 +207,15 @@ def test_reader_refuses_other_dataset_teacher_dimension(tmp_path):
         assert reader.get("tiny", "text", []).shape == (0, DIM)
 
 
-@pytest.mark.parametrize("suffix", [".zarr", ".h5"])
-def test_incomplete_shard_is_refused(tmp_path, suffix):
+@pytest.mark.parametrize(("suffix", "dim"), READ_PATHS)
+def test_incomplete_shard_is_refused(tmp_path, suffix, dim):
     path = tmp_path / f"s{suffix}"
-    _, texts = make_store(path, complete=False)
+    _, texts = make_store(path, complete=False, dim=dim)
     with open_store(path, teacher="tiny") as reader:
+        assert_read_path(reader, suffix, dim)
         assert np.array_equal(reader.get("tiny", "text", [0, 200, 400]), expected(texts, "float16")[[0, 200, 400]])
         with pytest.raises(StoreError) as caught:
-            reader.get("tiny", "text", [0, 300])
+            reader.get("tiny", "text", [0, 300])  # reading the unmapped slot would crash: it must be refused
         message = str(caught.value)
         assert "shard 2 (rows 256..383)" in message and "rerun dsmd extract to finish it" in message
         with pytest.raises(StoreError, match="not complete"):
@@ -214,16 +227,20 @@ def test_incomplete_shard_is_refused(tmp_path, suffix):
         assert reader.pending_shards("tiny", "text") == [2, 4, 5, 6, 7]
 
 
-def test_reader_sees_shards_finished_after_it_opened(tmp_path):
+@pytest.mark.parametrize("dim", [24, 32])
+def test_reader_sees_shards_finished_after_it_opened(tmp_path, dim):
     path = tmp_path / "s.zarr"
-    _, texts = make_store(path, complete=False)
+    _, texts = make_store(path, complete=False, dim=dim)
     reader = open_store(path)
     with pytest.raises(StoreError):
         reader.get("tiny", "text", [300])
+    assert_read_path(reader, ".zarr", dim)
     with FeatureStore.create_or_open(path, dataset_fingerprint=FP, n_images=N_IMAGES, n_captions=N_CAPTIONS,
                                      rows_per_shard=128, rows_per_chunk=32) as store:
         fill(store, "tiny", "text", texts)
-    assert np.array_equal(reader.get("tiny", "text", [300]), expected(texts, "float16")[[300]])
+    ids = np.array([300, 1002, 5, 300])
+    assert np.array_equal(reader.get("tiny", "text", ids), expected(texts, "float16")[ids])
+    assert_read_path(reader, ".zarr", dim)
     reader.close()
 
 

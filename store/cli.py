@@ -82,11 +82,15 @@ def verify(
     dataset: Path | None = typer.Option(None, "--dataset", help="Canonical dataset dir to match fingerprints."),
 ) -> None:
     """Check every shard: completion mark, checksums, finite unit-norm rows, dataset fingerprint."""
+    from store.errors import StoreError
     from store.info import store_info
     from store.verify import verify_store
 
     path = _store_path(ctx, path)
-    total = sum(a["shards_total"] for a in store_info(path)["arrays"])
+    try:
+        total = sum(a["shards_total"] for a in store_info(path)["arrays"])
+    except StoreError:
+        total = None  # verify itself will say what is wrong
     with make_progress() as progress:
         task = progress.add_task("verify shards", total=total, rate="")
         report = verify_store(path, dataset_dir=dataset, on_shard=lambda *_: progress.advance(task))

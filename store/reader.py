@@ -55,12 +55,13 @@ class _ArrayRows:
                 return
         for shard in shards.tolist():
             start, stop = self.layout.shard_rows(self.kind, shard)
-            location = self._backend.shard_location(self.teacher, self.kind, shard, start, stop)
             try:
+                location = self._backend.shard_location(self.teacher, self.kind, shard, start, stop)
                 if location is None:
                     raise OSError("rows not stored plainly")
                 self._stitched.map_shard(shard, location[0], location[1], stop - start)
-            except OSError:
+            except (OSError, StoreError):
+                # e.g. a damaged or missing shard file: reading that shard reports it, the others still work
                 self._stitched = None
                 self._whole = None
                 return

@@ -191,3 +191,23 @@ def test_cli_error_is_one_line_exit_2(tmp_path):
                             capture_output=True, text=True, timeout=300)
     assert result.returncode == 2 and "no feature store there" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_cli_verify_lists_a_missing_shard_file_of_a_stitched_store(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    path = tmp_path / "a.zarr"
+    with FeatureStore.create_or_open(path, **ARGS) as store:
+        store.ensure_array("t", "image", 32, provenance=PROVENANCE)  # 64 rows x 32 x 2 bytes: whole pages
+        fill(store, "t", "image", unit_rows(200, 32, 3))
+    (path / "t" / "image" / "c" / "1" / "0").unlink()
+    runner = CliRunner()
+    assert runner.invoke(app, ["store", "info", str(path)]).exit_code == 0
+    result = runner.invoke(app, ["store", "verify", str(path)])
+    assert result.exit_code == 1 and "t/image shard 1 (rows 64..127): shard file" in result.stderr
+    with open_store(path) as reader:
+        assert reader.get("t", "image", [0, 199]).shape == (2, 32)
+        with pytest.raises(StoreError, match="shard file of t/image shard 1 is missing"):
+            reader.get("t", "image", [70])

@@ -29,12 +29,12 @@ def test_check_reports_truncated_and_missing_images_and_exits_0(tmp_path):
     write_png(root / "ok.png")
     (root / "fine.jpg").parent.mkdir(exist_ok=True)
     (root / "fine.jpg").write_bytes(jpeg_bytes())
-    write_truncated_jpeg(root / "trunc.jpg")
+    write_truncated_jpeg(root / "trunc[red].jpg")
     source = write_karpathy(
         tmp_path / "dataset.json",
         [
             karpathy_entry("ok.png", "train", ["a good one"], imgid=0),
-            karpathy_entry("trunc.jpg", "test", ["cut short"], imgid=1),
+            karpathy_entry("trunc[red].jpg", "test", ["cut short"], imgid=1),
             karpathy_entry("gone.jpg", "test", ["never there", ""], imgid=2),
             karpathy_entry("fine.jpg", "val", ["fine"], imgid=3),
         ],
@@ -42,7 +42,7 @@ def test_check_reports_truncated_and_missing_images_and_exits_0(tmp_path):
     result = CliRunner().invoke(app, [*settings(tmp_path, source, root), "data", "check"])
     assert result.exit_code == 0, result.output
     output = result.output
-    assert "trunc.jpg" in output and "truncated image data" in output
+    assert "trunc[red].jpg" in output and "truncated image data" in output
     assert "gone.jpg" in output and "missing file" in output
     assert "images[2].sentences[1]" in output and "empty caption" in output  # the dropped row
     assert "2 bad images" in output

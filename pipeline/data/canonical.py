@@ -23,9 +23,10 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -76,17 +77,47 @@ CAPTIONS_SCHEMA = pa.schema(
 # --------------------------------------------------------------------------------------------- paths
 
 
+class RootGuard:
+    """Keeps image paths under one root, following symlinks.
+
+    ``cache_dirs`` remembers each directory's real path: right while preparing (the files do not change
+    meanwhile, and COCO has 123k images in two directories), wrong for long-lived readers, which leave it off.
+    """
+
+    def __init__(self, root: str | Path, cache_dirs: bool = False):
+        self.root = os.path.realpath(root)
+        self._prefix = self.root if self.root.endswith("/") else self.root + "/"
+        self._real_dirs: dict[str, str] | None = {} if cache_dirs else None
+
+    def contains(self, real_path: str) -> bool:
+        return real_path == self.root or real_path.startswith(self._prefix)
+
+    def _real_dir(self, directory: str) -> str:
+        if self._real_dirs is None:
+            return os.path.realpath(os.path.join(self.root, directory))
+        real = self._real_dirs.get(directory)
+        if real is None:
+            real = self._real_dirs[directory] = os.path.realpath(os.path.join(self.root, directory))
+        return real
+
+    def resolve(self, relative: str) -> str:
+        """The real path of ``root/relative``; ValueError when it lies outside the root."""
+        directory, name = posixpath.split(relative)
+        target = os.path.join(self._real_dir(directory), name)
+        if os.path.islink(target):
+            target = os.path.realpath(target)
+        if not self.contains(target):
+            raise ValueError(f"resolves to {target}, outside the images root {self.root}")
+        return target
+
+
 def resolve_under_root(root: Path, relative: str) -> Path:
     """``root / relative`` resolved (symlinks followed); raise ValueError if it ends up outside ``root``."""
-    root_resolved = root.resolve()
-    target = (root_resolved / relative).resolve()
-    if not target.is_relative_to(root_resolved):
-        raise ValueError(f"resolves to {target}, outside the images root {root_resolved}")
-    return target
+    return Path(RootGuard(root).resolve(relative))
 
 
-def normalize_image_path(raw: Any, root: Path, where: str) -> str:
-    """Check one image path from a source row and return it as a clean POSIX path relative to ``root``.
+def normalize_image_path(raw: Any, guard: RootGuard, where: str) -> str:
+    """Check one image path from a source row and return it as a clean POSIX path relative to the root.
 
     ``where`` names the source file and row for the error message.
     """
@@ -98,21 +129,21 @@ def normalize_image_path(raw: Any, root: Path, where: str) -> str:
         raise DsmdError(f"{where}: empty image path; every row needs one")
     if "\x00" in text:
         raise DsmdError(f"{where}: image path {raw!r} contains a NUL character")
-    candidate = PurePosixPath(text)
-    if candidate.is_absolute():
-        try:
-            candidate = PurePosixPath(Path(text).resolve().relative_to(root.resolve()).as_posix())
-        except ValueError:
-            raise DsmdError(
-                f"{where}: absolute image path {raw!r} is outside the images root {root.resolve()}; {fix}"
-            ) from None
-    if ".." in candidate.parts:
+    if text.startswith("/"):
+        # Resolve the directory only: a symlinked file keeps its own name (and is checked below).
+        directory, name = posixpath.split(text)
+        real = os.path.join(os.path.realpath(directory or "/"), name)
+        if not guard.contains(real) or real == guard.root:
+            raise DsmdError(f"{where}: absolute image path {raw!r} is outside the images root {guard.root}; {fix}")
+        text = real[len(guard._prefix) :]
+    parts = [part for part in text.split("/") if part not in ("", ".")]
+    if ".." in parts:
         raise DsmdError(f"{where}: image path {raw!r} uses '..' to leave the images root; {fix}")
-    relative = candidate.as_posix()
-    if relative in ("", "."):
+    if not parts:
         raise DsmdError(f"{where}: image path {raw!r} names the images root itself, not a file")
+    relative = "/".join(parts)
     try:
-        resolve_under_root(root, relative)
+        guard.resolve(relative)
     except ValueError as exc:
         raise DsmdError(
             f"{where}: image path {raw!r} {exc} (through a symlink); copy the image under the root or "
@@ -163,6 +194,7 @@ class SourceBuilder:
     _by_path: dict[str, int] = field(default_factory=dict)
     # Tables repeat an image's path on every caption row; resolving it once is enough.
     _normalized: dict[str, str] = field(default_factory=dict)
+    _guard: RootGuard | None = None
 
     def where(self, row: str) -> str:
         return f"{self.source}, {row}"
@@ -170,7 +202,9 @@ class SourceBuilder:
     def normalize_path(self, raw_path: Any, row: str) -> str:
         if isinstance(raw_path, str) and raw_path in self._normalized:
             return self._normalized[raw_path]
-        relative = normalize_image_path(raw_path, self.images_root, self.where(row))
+        if self._guard is None:
+            self._guard = RootGuard(self.images_root, cache_dirs=True)
+        relative = normalize_image_path(raw_path, self._guard, self.where(row))
         self._normalized[raw_path] = relative
         return relative
 
@@ -337,6 +371,8 @@ class CanonicalDataset:
         self._caption_image = self.captions.column("image_id").to_numpy().astype(np.int64)
         self._paths: list[str] = self.images.column("path").to_pylist()
         self._texts: list[str] | None = None
+        # No directory cache: readers live long, and a symlink may change under them.
+        self._guard = RootGuard(self.images_root)
 
     # ---------------------------------------------------------------- sizes and ids
     @property
@@ -389,7 +425,7 @@ class CanonicalDataset:
         """The image file, resolved; checked again here in case a symlink changed after prepare."""
         relative = self.image_relpath(image_id)
         try:
-            return resolve_under_root(self.images_root, relative)
+            return Path(self._guard.resolve(relative))
         except ValueError as exc:
             raise DsmdError(f"{self.name}: image {image_id} ({relative!r}) {exc}") from None
 

@@ -6,7 +6,9 @@ import json
 import time
 
 import typer
+from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from pipeline.console import console, get_config
 
@@ -17,7 +19,7 @@ data_app = typer.Typer(help="Datasets: the shapes-world demo, the canonical data
 
 def _counts_table(dataset) -> Table:
     counts = dataset.counts()
-    table = Table(title=f"dataset {dataset.name!r}", title_justify="left")
+    table = Table(title=f"dataset {escape(repr(dataset.name))}", title_justify="left")
     table.add_column("split")
     table.add_column("images", justify="right")
     table.add_column("captions", justify="right")
@@ -29,10 +31,10 @@ def _counts_table(dataset) -> Table:
 
 def _print_dataset(dataset) -> None:
     console.print(_counts_table(dataset))
-    console.print(f"images root: {dataset.images_root}", highlight=False)
-    console.print(f"fingerprint: {dataset.fingerprint}", highlight=False)
+    console.print(f"images root: {dataset.images_root}", highlight=False, markup=False)
+    console.print(f"fingerprint: {dataset.fingerprint}", highlight=False, markup=False)
     if dataset.directory is not None:
-        console.print(f"canonical dir: {dataset.directory}", highlight=False)
+        console.print(f"canonical dir: {dataset.directory}", highlight=False, markup=False)
     if dataset.dropped:
         console.print(f"[yellow]{len(dataset.dropped):,} caption rows dropped[/yellow] (see dataset.json)")
 
@@ -42,7 +44,7 @@ def _problem_table(title: str, columns: list[str], rows: list[list[str]], limit:
     for column in columns:
         table.add_column(column, overflow="fold")
     for row in rows[:limit] if limit > 0 else rows:
-        table.add_row(*row)
+        table.add_row(*(Text(cell) for cell in row))  # user text: no rich markup
     if 0 < limit < total:
         table.caption = f"{limit} of {total:,} shown; all are in the files named below"
     return table
@@ -61,6 +63,7 @@ def demo(ctx: typer.Context) -> None:
         f"shapes world: {total:,} images ({cfg.n_train:,} train / {cfg.n_val:,} val / {cfg.n_test:,} test), "
         f"{cfg.captions_per_image} captions each, in {time.perf_counter() - started:.1f} s -> {path}",
         highlight=False,
+        markup=False,
     )
 
 
@@ -90,10 +93,10 @@ def check(
     cfg = get_config(ctx).data
     dataset, prepared = load_or_prepare(cfg)
     if prepared:
-        console.print(f"prepared the canonical dataset in {dataset.directory}", highlight=False)
+        console.print(f"prepared the canonical dataset in {dataset.directory}", highlight=False, markup=False)
     report = check_dataset(dataset, workers=workers or None)
 
-    summary = Table(title=f"check of {dataset.name!r}", title_justify="left", show_header=False)
+    summary = Table(title=f"check of {escape(repr(dataset.name))}", title_justify="left", show_header=False)
     summary.add_row("images", f"{report.num_images:,}")
     summary.add_row("bad images (skipped by later stages)", f"{len(report.bad_images):,}")
     summary.add_row("captions", f"{report.num_captions:,}")
@@ -125,7 +128,9 @@ def check(
         )
     assert dataset.directory is not None
     console.print(
-        f"wrote {dataset.directory / BAD_IMAGES_FILE} and {dataset.directory / CHECK_REPORT_FILE}", highlight=False
+        f"wrote {dataset.directory / BAD_IMAGES_FILE} and {dataset.directory / CHECK_REPORT_FILE}",
+        highlight=False,
+        markup=False,
     )
     verdict = (
         "[green]all images readable[/green]"
@@ -152,7 +157,7 @@ def info(
     _print_dataset(dataset)
     source = dataset.info.get("source", {})
     if source:
-        console.print(f"source: {source.get('path')} ({source.get('format')})", highlight=False)
+        console.print(f"source: {source.get('path')} ({source.get('format')})", highlight=False, markup=False)
     if (dataset.directory / BAD_IMAGES_FILE).exists():
         console.print(f"bad images (last check): {len(load_bad_images(dataset.directory)):,}")
     else:

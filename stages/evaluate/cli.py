@@ -1,13 +1,43 @@
-"""Command-line hook of the evaluation stage (no torch at import time).
-
-`dsmd evaluate` (student + feature store -> metrics and report) is wired here by the evaluate stage itself;
-this module only provides the `register` entry point that `pipeline.cli` calls.
-"""
+"""`dsmd evaluate` and `dsmd search` (no torch at import time)."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import typer
+
+from pipeline.console import console, get_config
 
 
 def register(app: typer.Typer) -> None:
-    """Add the evaluation commands to the `dsmd` app. None yet: `evaluate` lands with the stage runner."""
+    @app.command("evaluate")
+    def evaluate(ctx: typer.Context) -> None:
+        """Score the student and the teacher (from the store) on the test split; save indexes and a report."""
+        from stages.evaluate.run import run_evaluate
+
+        run_evaluate(get_config(ctx))
+
+    @app.command("search")
+    def search(
+        ctx: typer.Context,
+        query: str = typer.Argument(None, help="A caption to search images with."),
+        image: Path = typer.Option(None, "--image", help="An image to search captions with."),
+        top: int = typer.Option(5, "--top", min=1, help="Number of results."),
+        index_dir: Path = typer.Option(None, "--index", help="Saved index dir (default: evaluate.out_dir/index)."),
+        student_dir: Path = typer.Option(None, "--student", help="Saved student (default: distill.out_dir/student)."),
+    ) -> None:
+        """Search a saved index: prints rank, id, score and path (or caption)."""
+        from stages.evaluate.search import search as run_search
+
+        cfg = get_config(ctx)
+        results = run_search(
+            student_dir or Path(cfg.distill.out_dir) / "student",
+            index_dir or Path(cfg.evaluate.out_dir) / "index",
+            text=query,
+            image=image,
+            top=top,
+        )
+        for hit in results:
+            where = hit.get("path") or hit.get("caption", "")
+            typer.echo(f"{hit['rank']:>3}  {hit['id']:>8}  {hit['score']:.4f}  {where}")
+        console.print(f"{len(results)} result(s)")

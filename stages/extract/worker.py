@@ -61,6 +61,7 @@ def open_store(cfg: Config, ds: CanonicalDataset) -> FeatureStore:
         dataset_fingerprint=ds.fingerprint,
         n_images=ds.num_images,
         n_captions=ds.num_captions,
+        dataset_name=ds.name,
         rows_per_shard=ex.rows_per_shard,
         rows_per_chunk=ex.rows_per_chunk,
     )

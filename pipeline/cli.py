@@ -48,6 +48,7 @@ def _register_optional() -> None:
 
     for module_name in (
         "pipeline.data.cli",
+        "pipeline.models.cli",
         "store.cli",
         "stages.extract.cli",
         "stages.distill.cli",

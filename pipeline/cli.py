@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 
 import typer
+from rich.markup import escape
 
 from pipeline.console import console, get_config
 from pipeline.errors import DsmdError
@@ -72,7 +73,8 @@ def main() -> None:
     try:
         app()
     except (DsmdError, StoreError) as exc:
-        console.print(f"[red]error:[/red] {exc}", highlight=False, soft_wrap=True)
+        # The message may hold user paths like "a[1].jpg": print it as plain text, never as rich markup.
+        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(2)
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]; finished work is kept, rerun the command to resume")

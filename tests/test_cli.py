@@ -45,3 +45,9 @@ def test_every_group_has_help(group):
     if result.exit_code != 0 and "No such command" in result.output:
         pytest.skip(f"{group} commands not registered yet")
     assert result.exit_code == 0, result.output
+
+
+def test_error_text_is_not_read_as_markup(tmp_path):
+    result = run_dsmd("--set", "distill.x[red]y=1", "config", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "x[red]y" in result.stderr

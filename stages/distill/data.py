@@ -19,6 +19,7 @@ from torch.utils.data import Dataset, Sampler
 
 from pipeline.data.canonical import CanonicalDataset
 from pipeline.data.images import BadImageError, load_rgb
+from pipeline.errors import DsmdError
 
 
 @dataclass
@@ -29,6 +30,18 @@ class PairBatch:
     tokens: dict[str, torch.Tensor]
     teacher_image: torch.Tensor
     teacher_text: torch.Tensor
+
+    def pin_memory(self) -> PairBatch:
+        # DataLoader(pin_memory=True) calls this on custom batch types; without it the batch stays pageable
+        # and every host-to-GPU copy is synchronous.
+        return PairBatch(
+            self.image_ids.pin_memory(),
+            self.caption_ids.pin_memory(),
+            self.pixels.pin_memory(),
+            {k: v.pin_memory() for k, v in self.tokens.items()},
+            self.teacher_image.pin_memory(),
+            self.teacher_text.pin_memory(),
+        )
 
 
 class PairRows(Dataset):
@@ -68,6 +81,11 @@ class PairCollate:
         if self._reader is None:  # opened once per worker process, never pickled
             self._reader = self.open_reader()
         items = [item for item in items if item[2] is not None]
+        if not items:
+            raise DsmdError(
+                "every image of a training batch failed to decode; the images changed after extraction: run "
+                "`dsmd data check`, then `dsmd extract`"
+            )
         caption_ids = np.array([item[0] for item in items], dtype=np.int64)
         image_ids = np.array([item[1] for item in items], dtype=np.int64)
         return PairBatch(
@@ -89,7 +107,11 @@ def usable_pairs(ds: CanonicalDataset, split: str, image_valid: np.ndarray, text
 
 
 class EpochBatches(Sampler[list[int]]):
-    """Index batches of one epoch for one rank: seeded permutation, whole global batches only."""
+    """Index batches of one epoch for one rank: seeded permutation, whole global batches only.
+
+    ``group``: the number of batches per epoch is rounded down to a multiple of it, so that with gradient
+    accumulation over ``group`` micro-batches no epoch ends in the middle of an optimiser step.
+    """
 
     def __init__(
         self,
@@ -101,26 +123,27 @@ class EpochBatches(Sampler[list[int]]):
         rank: int = 0,
         world: int = 1,
         start_batch: int = 0,
+        group: int = 1,
     ):
         if batch_size % world:
             raise ValueError(f"batch size {batch_size} is not divisible by {world} ranks")
         self.n_items, self.batch_size = n_items, batch_size
         self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world
-        self.start_batch = start_batch
+        self.start_batch, self.group = start_batch, group
 
     @staticmethod
-    def batches_per_epoch(n_items: int, batch_size: int) -> int:
+    def batches_per_epoch(n_items: int, batch_size: int, group: int = 1) -> int:
         # Incomplete last batches are dropped: every rank steps the same number of times and the hardest
         # negative always has company.
-        return n_items // batch_size
+        return n_items // batch_size // group * group
 
     def __len__(self) -> int:
-        return self.batches_per_epoch(self.n_items, self.batch_size) - self.start_batch
+        return max(0, self.batches_per_epoch(self.n_items, self.batch_size, self.group) - self.start_batch)
 
     def __iter__(self) -> Iterator[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
         order = torch.randperm(self.n_items, generator=generator)
         per_rank = self.batch_size // self.world
-        for batch in range(self.start_batch, self.batches_per_epoch(self.n_items, self.batch_size)):
+        for batch in range(self.start_batch, self.batches_per_epoch(self.n_items, self.batch_size, self.group)):
             start = batch * self.batch_size + self.rank * per_rank
             yield order[start : start + per_rank].tolist()

@@ -12,7 +12,10 @@ import csv
 import dataclasses
 import hashlib
 import json
+import os
+import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -25,7 +28,7 @@ from pipeline.console import console, make_progress
 from pipeline.data.canonical import CanonicalDataset
 from pipeline.encode import encode_images, encode_texts
 from pipeline.errors import DsmdError
-from pipeline.models.student import Student, make_tokenizer, save_student
+from pipeline.models.student import Student, load_vocab_tokenizer, make_tokenizer, save_student
 from stages.distill.balancer import DynamicBalancer
 from stages.distill.checkpoint import LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
 from stages.distill.data import EpochBatches, PairCollate, PairRows, usable_pairs
@@ -35,18 +38,35 @@ from stages.evaluate.metrics import retrieval_metrics
 from store import open_store
 
 # Settings that change how a run executes but not what it computes: a checkpoint stays resumable across them.
-RUNTIME_SETTINGS = {"device", "loader_workers", "checkpoint_every", "out_dir", "tensorboard", "load_store_in_ram"}
+# ``epochs`` is one of them: the first N epochs of a longer run are the N epochs of a shorter one (the
+# learning-rate steps and balancer periods do not depend on the total), so a finished run can be extended.
+RUNTIME_SETTINGS = {
+    "device", "loader_workers", "checkpoint_every", "out_dir", "tensorboard", "load_store_in_ram", "epochs",
+}
 
 
-def config_digest(cfg: Config, dataset_fingerprint: str) -> str:
+def config_digest(cfg: Config, dataset_fingerprint: str, teacher_provenance: dict | None = None) -> str:
+    """What a checkpoint must agree on to be resumed: student and training settings, the dataset and how the
+    teacher features were made (a store re-extracted with another checkpoint gives other targets)."""
     distill = {k: v for k, v in dataclasses.asdict(cfg.distill).items() if k not in RUNTIME_SETTINGS}
-    payload = {"student": dataclasses.asdict(cfg.student), "distill": distill, "dataset": dataset_fingerprint}
-    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+    payload = {
+        "student": dataclasses.asdict(cfg.student),
+        "distill": distill,
+        "dataset": dataset_fingerprint,
+        "teacher": teacher_provenance or {},
+    }
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _device_type(name: str) -> str:
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return torch.device(name).type
 
 
 def _device(name: str, ranks: Ranks) -> torch.device:
     if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
+        name = _device_type(name)
     if name == "cuda" and ranks.distributed:
         return torch.device("cuda", ranks.local_rank)
     return torch.device(name)
@@ -70,6 +90,8 @@ class _Tokenize:
 
 
 class _OpenReader:
+    """Opens the store inside a loader worker (a reader is opened per process, never shared)."""
+
     def __init__(self, path: str, fingerprint: str, teacher: str, in_memory: bool):
         self.args = (path, fingerprint, teacher, in_memory)
 
@@ -78,15 +100,26 @@ class _OpenReader:
         return open_store(path, dataset_fingerprint=fingerprint, teacher=teacher, in_memory=in_memory)
 
 
-class CsvLog:
-    """Append-only CSV; on resume, rows after the checkpoint's step are dropped so none is logged twice."""
+class _SameReader:
+    """Without loader workers the collate function runs in the main process: reuse the trainer's reader."""
 
-    def __init__(self, path: Path, columns: list[str], keep_until_step: int | None):
+    def __init__(self, reader):
+        self.reader = reader
+
+    def __call__(self):
+        return self.reader
+
+
+class CsvLog:
+    """Append-only CSV. On resume the rows the checkpoint does not cover (``keep`` is False for them) are
+    dropped, so the resumed run logs none of them twice; a fresh run (keep None) starts an empty file."""
+
+    def __init__(self, path: Path, columns: list[str], keep: Callable[[dict], bool] | None):
         self.path, self.columns = path, columns
         rows = []
-        if keep_until_step is not None and path.exists():
+        if keep is not None and path.exists():
             with path.open() as handle:
-                rows = [row for row in csv.DictReader(handle) if int(row["step"]) <= keep_until_step]
+                rows = [row for row in csv.DictReader(handle) if keep(row)]
         with path.open("w", newline="") as handle:
             writer = csv.DictWriter(handle, columns, extrasaction="ignore")
             writer.writeheader()
@@ -101,7 +134,8 @@ class Trainer:
     def __init__(self, cfg: Config, resume: str = "auto"):
         self.cfg = cfg
         dc = cfg.distill
-        self.ranks = init_from_torchrun("cuda" if dc.device.startswith("cuda") else "cpu")
+        # The backend follows the device the run will use (nccl for GPUs, also when device is "auto").
+        self.ranks = init_from_torchrun(_device_type(dc.device))
         self.device = _device(dc.device, self.ranks)
         if dc.method != "dsmd":
             raise DsmdError(f"distill.method={dc.method!r} is not available yet; use dsmd")
@@ -113,8 +147,15 @@ class Trainer:
             )
         self.micro_batch = micro  # pairs per forward pass, summed over ranks
         self.out = Path(dc.out_dir)
+        self.out.mkdir(parents=True, exist_ok=True)
         self.ds = CanonicalDataset.load(cfg.data.canonical_dir)
-        self.reader = open_store(cfg.extract.store, dataset_fingerprint=self.ds.fingerprint, teacher=dc.teacher)
+        self.reader = open_store(
+            cfg.extract.store,
+            dataset_fingerprint=self.ds.fingerprint,
+            teacher=dc.teacher,
+            # Loader workers open their own reader; the main process needs the rows only when it loads batches.
+            in_memory=dc.load_store_in_ram and dc.loader_workers == 0,
+        )
         self.dim = self.reader.dim(dc.teacher, "image")
         image_valid = self.reader.valid(dc.teacher, "image")
         text_valid = self.reader.valid(dc.teacher, "text")
@@ -128,13 +169,11 @@ class Trainer:
         self.val_images = val_images[image_valid[val_images]]
         val_captions = usable_pairs(self.ds, "val", image_valid, text_valid)
         self.val_captions = val_captions
-        self.digest = config_digest(cfg, self.ds.fingerprint)
+        provenance = self.reader.provenance(dc.teacher, "image").get("teacher", {})
+        self.digest = config_digest(cfg, self.ds.fingerprint, provenance)
 
         torch.manual_seed(dc.seed)
-        tokenizer = make_tokenizer(
-            cfg.student, self.out / "vocab", texts=self.ds.texts(self.ds.caption_ids("train"))
-        )
-        self.student = Student(cfg.student, self.dim, tokenizer=tokenizer).to(self.device)
+        self.student = Student(cfg.student, self.dim, tokenizer=self._tokenizer()).to(self.device)
         self.model = (
             DistributedDataParallel(self.student, device_ids=[self.device] if self.device.type == "cuda" else None)
             if self.ranks.distributed
@@ -148,20 +187,36 @@ class Trainer:
 
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.best_rsum, self.best_epoch = -1.0, -1
-        resumed_step = self._maybe_resume(resume)
-        loss_columns = [*self._value_names(), "total"]
+        resumed = self._maybe_resume(resume)
+        self.value_names = [*self._value_names(), "total"]
         balancer_columns = [f"{p}_{n}" for p in ("w", "a", "r") for n in self.losses.names]
+        # Train rows are keyed by step, validation rows by completed epoch (a checkpoint taken at the last step
+        # of an epoch precedes that epoch's validation, which the resumed run does again).
+        step, epoch = self.step, self.epoch
         self.log = CsvLog(
             self.out / "train_log.csv",
-            ["step", "epoch", "lr", *loss_columns, *balancer_columns, "samples_per_s"],
-            resumed_step,
+            ["step", "epoch", "lr", *self.value_names, *balancer_columns, "samples_per_s"],
+            (lambda row: int(row["step"]) <= step) if resumed else None,
         ) if self.ranks.is_main else None
+        ks = cfg.evaluate.ks
         self.val_log = CsvLog(
             self.out / "val_log.csv",
-            ["step", "epoch", "i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"],
-            resumed_step,
+            ["step", "epoch", *[f"{d}_r{k}" for d in ("i2t", "t2i") for k in ks], "rsum"],
+            (lambda row: int(row["epoch"]) <= epoch) if resumed else None,
         ) if self.ranks.is_main else None
         self.tensorboard = self._tensorboard() if dc.tensorboard and self.ranks.is_main else None
+
+    def _tokenizer(self):
+        """The student's tokenizer. A vocabulary built from the captions is written by rank 0 alone; the other
+        ranks read it once it is complete."""
+        cfg = self.cfg
+        vocab_dir = self.out / "vocab"
+        tokenizer = None
+        if cfg.student.text_model_dir or self.ranks.is_main:
+            texts = None if cfg.student.text_model_dir else self.ds.texts(self.ds.caption_ids("train"))
+            tokenizer = make_tokenizer(cfg.student, vocab_dir, texts=texts)
+        barrier(self.ranks)
+        return tokenizer if tokenizer is not None else load_vocab_tokenizer(vocab_dir / "vocab.txt")
 
     # ------------------------------------------------------------------------------------------ state
 
@@ -190,10 +245,10 @@ class Trainer:
             save_checkpoint(self.out / "checkpoints" / LAST, self._state())
         barrier(self.ranks)
 
-    def _maybe_resume(self, resume: str) -> int | None:
+    def _maybe_resume(self, resume: str) -> bool:
         path = self.out / "checkpoints" / LAST
         if resume == "no" or (resume == "auto" and not path.exists()):
-            return None
+            return False
         state = load_checkpoint(path)
         if state.get("digest") != self.digest:
             message = (
@@ -203,7 +258,7 @@ class Trainer:
             if resume == "yes":
                 raise DsmdError(message + " (run without --resume to start over)")
             console.print(f"[yellow]{message}: starting a fresh run[/yellow]")
-            return None
+            return False
         self.student.load_state_dict(state["model"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -215,7 +270,7 @@ class Trainer:
         self.epoch, self.batch_in_epoch, self.step = progress["epoch"], progress["batch_in_epoch"], progress["step"]
         self.best_rsum, self.best_epoch = state["best"]["rsum"], state["best"]["epoch"]
         console.print(f"resuming {path}: epoch {self.epoch}, batch {self.batch_in_epoch}, step {self.step}")
-        return self.step
+        return True
 
     def _tensorboard(self):
         try:
@@ -238,12 +293,14 @@ class Trainer:
             rank=self.ranks.rank,
             world=self.ranks.world,
             start_batch=start_batch,
+            group=dc.grad_accum,
         )
-        collate = PairCollate(
-            _Tokenize(self.student.tokenizer, self.cfg.student.max_text_len),
-            _OpenReader(self.cfg.extract.store, self.ds.fingerprint, dc.teacher, dc.load_store_in_ram),
-            dc.teacher,
+        open_reader = (
+            _OpenReader(self.cfg.extract.store, self.ds.fingerprint, dc.teacher, dc.load_store_in_ram)
+            if dc.loader_workers > 0
+            else _SameReader(self.reader)
         )
+        collate = PairCollate(_Tokenize(self.student.tokenizer, self.cfg.student.max_text_len), open_reader, dc.teacher)
         return DataLoader(
             PairRows(self.ds, self.train_pairs, self.student.image_transform(train=True)),
             batch_sampler=sampler,
@@ -258,12 +315,25 @@ class Trainer:
 
     # ------------------------------------------------------------------------------------------ steps
 
+    def _check_equal_batches(self, batch) -> None:
+        """Under DDP every rank must bring a full slice (the gathers need equal sizes). A rank that dropped an
+        image that no longer decodes must not leave the others waiting in a gather: all ranks learn of it
+        through one small collective and stop together."""
+        if not self.ranks.distributed:
+            return
+        count = torch.tensor([len(batch.image_ids)], device=self.device)
+        torch.distributed.all_reduce(count, op=torch.distributed.ReduceOp.MIN)
+        if int(count) != self.micro_batch // self.ranks.world:
+            raise DsmdError(
+                "an image failed to decode during multi-process training (the images changed after extraction); "
+                "run `dsmd data check`, then `dsmd extract`"
+            )
+
     def _forward(self, batch) -> tuple[dict[str, torch.Tensor], torch.Tensor, tuple]:
         dev = self.device
+        self._check_equal_batches(batch)
         pixels = batch.pixels.to(dev, non_blocking=True)
         tokens = {k: v.to(dev, non_blocking=True) for k, v in batch.tokens.items()}
-        if self.ranks.distributed and len(batch.image_ids) != self.micro_batch // self.ranks.world:
-            raise DsmdError("an image failed to decode during multi-GPU training; run `dsmd data check` and re-extract")
         with _autocast(dev, self.cfg.distill.precision):
             s_v, s_t = self.model(pixels, tokens["input_ids"], tokens["attention_mask"])
         # Losses in float32, over the global batch: in-batch negatives come from every rank.
@@ -285,14 +355,20 @@ class Trainer:
 
     def train(self) -> dict:
         dc = self.cfg.distill
-        self.out.mkdir(parents=True, exist_ok=True)
-        steps_per_epoch = EpochBatches.batches_per_epoch(len(self.train_pairs), self.micro_batch) // dc.grad_accum
+        steps_per_epoch = (
+            EpochBatches.batches_per_epoch(len(self.train_pairs), self.micro_batch, dc.grad_accum) // dc.grad_accum
+        )
         started = time.perf_counter()
         samples = 0
+        if self.epoch >= dc.epochs:
+            console.print(f"{self.out} already holds a finished run of {self.epoch} epochs; nothing to do")
+            shutdown(self.ranks)
+            return self._summary(0, 0.0)
         while self.epoch < dc.epochs:
             self.model.train()
             loader = self._loader(self.epoch, self.batch_in_epoch)
-            sums: dict[str, float] = {}
+            # Losses summed on the device over the micro-batches of a step: one host sync per step, not per value.
+            sums: torch.Tensor | None = None
             micro_in_step = 0
             with make_progress() as progress:
                 task = progress.add_task(
@@ -309,9 +385,8 @@ class Trainer:
                         values, total, teacher = self._forward(batch)
                         self.scaler.scale(total / dc.grad_accum).backward()
                     self.losses.enqueue(*teacher)
-                    for name, value in values.items():
-                        sums[name] = sums.get(name, 0.0) + float(value.detach())
-                    sums["total"] = sums.get("total", 0.0) + float(total.detach())
+                    step_values = torch.stack([*(values[n].detach() for n in self.value_names[:-1]), total.detach()])
+                    sums = step_values if sums is None else sums + step_values
                     micro_in_step += 1
                     self.batch_in_epoch += 1
                     if not sync:
@@ -320,8 +395,9 @@ class Trainer:
                     elapsed = time.perf_counter() - step_started
                     rate = dc.batch_size / elapsed if elapsed > 0 else 0.0
                     samples += dc.batch_size
-                    self._log_step({k: v / micro_in_step for k, v in sums.items()}, rate)
-                    sums, micro_in_step = {}, 0
+                    means = dict(zip(self.value_names, (sums / micro_in_step).tolist(), strict=True))
+                    self._log_step(means, rate)
+                    sums, micro_in_step = None, 0
                     progress.update(task, advance=1, rate=f"{rate:.0f} pairs/s")
                     if dc.checkpoint_every > 0 and self.step % dc.checkpoint_every == 0:
                         self._save()
@@ -336,6 +412,15 @@ class Trainer:
         summary = self._finish(samples, seconds)
         shutdown(self.ranks)
         return summary
+
+    def _save_student(self, metrics: dict | None) -> None:
+        """Write the student next to its final place and swap it in, so a kill never leaves half a student."""
+        final = self.out / "student"
+        staging = self.out / "student.partial"
+        shutil.rmtree(staging, ignore_errors=True)
+        save_student(self.student, staging, self._card(metrics))
+        shutil.rmtree(final, ignore_errors=True)
+        os.replace(staging, final)
 
     def _log_step(self, means: dict[str, float], rate: float) -> None:
         if self.log is None:
@@ -405,13 +490,13 @@ class Trainer:
                 )
                 if metrics["rsum"] > self.best_rsum:
                     self.best_rsum, self.best_epoch = metrics["rsum"], self.epoch
-                    save_student(self.student, self.out / "student", self._card(metrics))
+                    self._save_student(metrics)
             elif self.epoch == self.cfg.distill.epochs:
-                save_student(self.student, self.out / "student", self._card(None))
+                self._save_student(None)
         barrier(self.ranks)
 
-    def _finish(self, samples: int, seconds: float) -> dict:
-        summary = {
+    def _summary(self, samples: int, seconds: float) -> dict:
+        return {
             "epochs": self.cfg.distill.epochs,
             "steps": self.step,
             "best_epoch": self.best_epoch,
@@ -421,6 +506,9 @@ class Trainer:
             "pairs_per_s": round(samples / seconds, 2) if seconds > 0 else 0.0,
             "student_parameters": sum(p.numel() for p in self.student.parameters()),
         }
+
+    def _finish(self, samples: int, seconds: float) -> dict:
+        summary = self._summary(samples, seconds)
         if self.ranks.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
             console.print(

@@ -25,18 +25,25 @@ def register(app: typer.Typer) -> None:
         top: int = typer.Option(5, "--top", min=1, help="Number of results."),
         index_dir: Path = typer.Option(None, "--index", help="Saved index dir (default: evaluate.out_dir/index)."),
         student_dir: Path = typer.Option(None, "--student", help="Saved student (default: distill.out_dir/student)."),
+        bundle: Path = typer.Option(None, "--bundle", help="Search a bundle from `dsmd export` instead (no torch)."),
     ) -> None:
         """Search a saved index: prints rank, id, score and path (or caption)."""
-        from stages.evaluate.search import search as run_search
+        if bundle is not None:
+            # Torch-free: neither the config nor the student is read.
+            from stages.export.bundle import search_bundle
 
-        cfg = get_config(ctx)
-        results = run_search(
-            student_dir or Path(cfg.distill.out_dir) / "student",
-            index_dir or Path(cfg.evaluate.out_dir) / "index",
-            text=query,
-            image=image,
-            top=top,
-        )
+            results = search_bundle(bundle, query, top)
+        else:
+            from stages.evaluate.search import search as run_search
+
+            cfg = get_config(ctx)
+            results = run_search(
+                student_dir or Path(cfg.distill.out_dir) / "student",
+                index_dir or Path(cfg.evaluate.out_dir) / "index",
+                text=query,
+                image=image,
+                top=top,
+            )
         for hit in results:
             where = hit.get("path") or hit.get("caption", "")
             typer.echo(f"{hit['rank']:>3}  {hit['id']:>8}  {hit['score']:.4f}  {where}")

@@ -143,11 +143,20 @@ class BalancerConfig:
 class McadConfig:
     beta: float = 0.5
     temperature: float = 0.05
-    fused_teacher: str = "beit3-joint"
+    # Store name of the single-stream teacher whose <name>/pair rows are fused (dsmd extract-pairs writes them
+    # under teacher.name, so the two must agree); teachers: the dual-stream teachers, the first sets the
+    # student's space (feature distillation), all of them the distributions, averaged with teacher_weights.
+    fused_teacher: str = "beit3"
     teachers: list[str] = field(default_factory=lambda: ["beit3"])
     teacher_weights: list[float] = field(default_factory=lambda: [1.0])
     kl: bool = True
     fd: bool = True
+    # Splits whose pairs dsmd extract-pairs encodes (the losses and the alignment fit use train only).
+    pair_splits: list[str] = field(default_factory=lambda: ["train"])
+    # Ridge of the least-squares alignment fit (0: plain least squares, min-norm when singular).
+    align_ridge: float = 0.0
+    # Also apply the DSMD losses enabled in distill.losses (on the first teacher's unmodified features).
+    dsmd_losses: bool = False
 
 
 @dataclass

@@ -71,20 +71,22 @@ def forward_flops(cfg: BEiT3Config) -> float:
     return cfg.layers * per_layer
 
 
-def time_it(fn, pixels: torch.Tensor, repeats: int, warmup: int, device: torch.device) -> float:
-    """Median seconds per call."""
+def time_pair(fn_a, fn_b, pixels: torch.Tensor, repeats: int, warmup: int, device: torch.device):
+    """Median seconds per call of two functions, timed alternately so that a busy machine hits both alike."""
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    times: tuple[list[float], list[float]] = ([], [])
     with torch.inference_mode():
         for _ in range(warmup):
-            fn(pixels)
+            fn_a(pixels)
+            fn_b(pixels)
         sync()
-        times = []
         for _ in range(repeats):
-            start = time.perf_counter()
-            fn(pixels)
-            sync()
-            times.append(time.perf_counter() - start)
-    return statistics.median(times)
+            for fn, bucket in ((fn_a, times[0]), (fn_b, times[1])):
+                start = time.perf_counter()
+                fn(pixels)
+                sync()
+                bucket.append(time.perf_counter() - start)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def compare(cfg: BEiT3Config, batch: int, device: torch.device, dtype: torch.dtype, repeats: int, warmup: int,
@@ -97,8 +99,7 @@ def compare(cfg: BEiT3Config, batch: int, device: torch.device, dtype: torch.dty
     pixels = torch.randn(batch, 3, cfg.img_size, cfg.img_size, device=device, dtype=dtype)
     with torch.inference_mode():
         diff = float((model.encode_image(pixels) - naive.encode_image(pixels)).abs().max())
-    ours = time_it(model.encode_image, pixels, repeats, warmup, device)
-    ref = time_it(naive.encode_image, pixels, repeats, warmup, device)
+    ours, ref = time_pair(model.encode_image, naive.encode_image, pixels, repeats, warmup, device)
     flops = forward_flops(cfg) * batch
     row = {
         "what": label,
@@ -121,9 +122,12 @@ def compare(cfg: BEiT3Config, batch: int, device: torch.device, dtype: torch.dty
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--repeats", type=int, default=9)
+    parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
 
     rows = []
     # A small config on CPU: 6 layers of 384 wide (ViT-S-like) at 224 px, 197 positions.

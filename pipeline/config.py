@@ -75,6 +75,8 @@ class DemoTeacherConfig:
     heads: int = 4
     ffn_dim: int = 256
     vocab_size: int = 400
+    # Patch side in pixels: 16 as the official models; at the demo's 64 px that is a 4 x 4 grid.
+    patch_size: int = 16
     epochs: int = 6
     batch_size: int = 128
     lr: float = 1e-3

@@ -45,6 +45,16 @@ if not FIXTURE.is_dir():  # the fixtures also ship next to the repository
 pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason="beit3-tiny fixture not found")
 
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matrices gain nothing from threads, and on a busy machine spinning OpenMP threads cost 10x.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def expected() -> dict[str, np.ndarray]:
     with np.load(FIXTURE / "expected.npz", allow_pickle=False) as data:

@@ -30,6 +30,16 @@ def fixture_teacher_cfg(**changes) -> TeacherConfig:
     return TeacherConfig(**base)
 
 
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matrices gain nothing from threads, and on a busy machine spinning OpenMP threads cost 10x.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="module")
 def expected() -> dict[str, np.ndarray]:
     with np.load(FIXTURE / "expected.npz", allow_pickle=False) as data:

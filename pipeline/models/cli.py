@@ -1,0 +1,79 @@
+"""`dsmd teacher ...`: fit the demo teacher, show what a teacher is. No torch import at module level."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import typer
+
+from pipeline.console import console, get_config, make_progress
+from pipeline.errors import DsmdError
+
+teacher_app = typer.Typer(help="The teacher model (BEiT-3 or a CLIP-style dual encoder).", no_args_is_help=True)
+
+FIT_REPORT = "demo_teacher_fit.json"
+
+
+@teacher_app.command("fit-demo")
+def fit_demo(ctx: typer.Context) -> None:
+    """Fit the small demo BEiT-3 on the canonical dataset's train split (settings: demo_teacher.*, teacher.*).
+
+    Writes the checkpoint, JSON config and .spm where teacher.checkpoint / teacher.size / teacher.tokenizer
+    point, and demo_teacher.out_dir/demo_teacher_fit.json with the test-split recall and the chance level.
+    """
+    from rich.table import Table
+
+    from pipeline.data.canonical import CanonicalDataset
+    from pipeline.models.demo_teacher import encode_split, fit_demo_teacher, write_fit_report
+    from pipeline.models.teachers import load_teacher
+    from stages.evaluate.metrics import chance_metrics, retrieval_metrics
+
+    cfg = get_config(ctx)
+    if not (Path(cfg.data.canonical_dir) / "dataset.json").exists():
+        raise DsmdError(f"{cfg.data.canonical_dir}: no canonical dataset yet; run `dsmd data demo` and "
+                        "`dsmd data prepare` first")
+    dataset = CanonicalDataset.load(cfg.data.canonical_dir)
+    with make_progress() as progress:
+        task = progress.add_task("fitting the demo teacher", total=None, rate="")
+
+        def on_step(step: int, total: int, loss: float) -> None:
+            progress.update(task, completed=step, total=total, rate=f"loss {loss:.3f}")
+
+        result = fit_demo_teacher(cfg, dataset, on_step=on_step)
+    console.print(
+        f"demo teacher: {result.steps} steps over {result.train_captions:,} captions of {result.train_images:,} "
+        f"images in {result.seconds:.0f} s; tokenizer {result.vocab_pieces} pieces -> {result.checkpoint}",
+        highlight=False,
+    )
+
+    teacher = load_teacher(cfg.teacher, device="cpu", precision="fp32")
+    split = cfg.evaluate.split
+    image_emb, text_emb, caption_image = encode_split(teacher, dataset, split)
+    metrics = retrieval_metrics(image_emb, text_emb, caption_image, cfg.evaluate.ks)
+    chance = chance_metrics(len(image_emb), caption_image, cfg.evaluate.ks)
+    report = Path(cfg.demo_teacher.out_dir) / FIT_REPORT
+    write_fit_report(report, result, metrics, chance, split=split)
+
+    table = Table(title=f"demo teacher, {split} split ({len(image_emb):,} images, {len(text_emb):,} captions)",
+                  title_justify="left")
+    table.add_column("")
+    for key in metrics:
+        table.add_column(key, justify="right")
+    table.add_row("teacher", *(f"{v:.2f}" for v in metrics.values()))
+    table.add_row("chance", *(f"{chance[k]:.2f}" for k in metrics))
+    console.print(table)
+    console.print(f"report: {report}", highlight=False)
+
+
+@teacher_app.command("info")
+def info(ctx: typer.Context) -> None:
+    """Load the configured teacher and print its provenance (config, checkpoint and tokenizer SHA-256)."""
+    from pipeline.models.teachers import load_teacher
+
+    teacher = load_teacher(get_config(ctx).teacher, device="cpu", precision="fp32")
+    typer.echo(json.dumps(teacher.provenance(), indent=2, default=str))
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(teacher_app, name="teacher")

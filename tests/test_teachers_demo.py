@@ -1,0 +1,112 @@
+"""The demo teacher fit, at a tiny size on a tiny shapes world: files in the official layout, repeatable, CLI."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import typer
+from typer.testing import CliRunner
+
+from pipeline.config import DataConfig, DemoConfig, load_config
+from pipeline.data.canonical import CanonicalDataset, prepare_dataset
+from pipeline.data.shapes import generate_shapes
+from pipeline.errors import DsmdError
+from pipeline.models.beit3 import read_checkpoint, read_config_json
+from pipeline.models.demo_teacher import encode_split, fit_demo_teacher
+from pipeline.models.teachers import BEiT3Teacher, load_teacher
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # Tiny matrices gain nothing from threads, and on a busy machine spinning OpenMP threads cost 10x.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def canonical(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("shapes")
+    source = generate_shapes(DemoConfig(out_dir=str(root / "shapes"), n_train=48, n_val=4, n_test=12,
+                                        image_size=32, captions_per_image=2))
+    data = DataConfig(source=str(source), images_root=str(root / "shapes" / "images"),
+                      canonical_dir=str(root / "canonical"))
+    prepare_dataset(data)
+    return root / "canonical"
+
+
+def tiny_overrides(canonical: Path, out: Path) -> list[str]:
+    return [
+        f"data.canonical_dir={canonical}",
+        f"teacher.checkpoint={out}/t.pth", f"teacher.size={out}/t.json", f"teacher.tokenizer={out}/t.spm",
+        "teacher.img_size=32", "teacher.max_text_len=24",
+        f"demo_teacher.out_dir={out}", "demo_teacher.embed_dim=32", "demo_teacher.layers=1",
+        "demo_teacher.heads=2", "demo_teacher.ffn_dim=48", "demo_teacher.vocab_size=60", "demo_teacher.epochs=2",
+        "demo_teacher.batch_size=16", "demo_teacher.patch_size=8",
+    ]
+
+
+def test_fit_writes_official_files_and_is_repeatable(tmp_path, canonical):
+    dataset = CanonicalDataset.load(canonical)
+    results, states = [], []
+    for run in ("a", "b"):
+        cfg = load_config(None, tiny_overrides(canonical, tmp_path / run))
+        steps = []
+        results.append(fit_demo_teacher(cfg, dataset, on_step=lambda s, t, loss, steps=steps: steps.append(s)))
+        states.append(read_checkpoint(tmp_path / run / "t.pth"))
+        assert steps == list(range(1, results[-1].steps + 1))
+    first = results[0]
+    assert first.train_images == 48 and first.train_captions == 96 and first.steps == 2 * 6
+    assert (tmp_path / "a" / "t.spm").read_bytes() == (tmp_path / "b" / "t.spm").read_bytes()
+    assert set(states[0]) == set(states[1])
+    for key in states[0]:
+        assert torch.equal(states[0][key], states[1][key]), key
+
+    raw = torch.load(tmp_path / "a" / "t.pth", weights_only=True)
+    assert set(raw) == {"model"}
+    keys = set(raw["model"])
+    assert {"beit3.encoder.layers.0.self_attn.q_proj.A.weight", "vision_head.weight", "language_head.weight",
+            "logit_scale", "beit3.vision_embed.mask_token"} <= keys
+    assert not any("qkv" in key for key in keys)
+    model_cfg = read_config_json(tmp_path / "a" / "t.json")
+    assert (model_cfg.embed_dim, model_cfg.patch_size, model_cfg.img_size) == (32, 8, 32)
+    assert model_cfg.vocab_size == first.vocab_pieces + 2
+
+    cfg = load_config(None, tiny_overrides(canonical, tmp_path / "a"))
+    teacher = load_teacher(cfg.teacher, device="cpu")
+    assert isinstance(teacher, BEiT3Teacher) and teacher.dim == 32
+    image_emb, text_emb, caption_image = encode_split(teacher, dataset, "test")
+    assert image_emb.shape == (12, 32) and text_emb.shape == (24, 32)
+    assert sorted(caption_image.tolist()) == sorted(list(range(12)) * 2)
+
+
+def test_fit_refuses_a_named_size(tmp_path, canonical):
+    cfg = load_config(None, [*tiny_overrides(canonical, tmp_path), "teacher.size=base"])
+    with pytest.raises(DsmdError, match="JSON config path"):
+        fit_demo_teacher(cfg, CanonicalDataset.load(canonical))
+
+
+def test_cli_fit_demo_reports_recall_and_chance(tmp_path, canonical):
+    from pipeline.models.cli import register
+
+    app = typer.Typer()
+
+    @app.callback()
+    def root(ctx: typer.Context, overrides: list[str] = typer.Option([], "--set")) -> None:
+        ctx.obj = {"params": tmp_path / "absent.yaml", "overrides": list(overrides)}
+
+    register(app)
+    args = [arg for o in tiny_overrides(canonical, tmp_path) for arg in ("--set", o)]
+    result = CliRunner().invoke(app, [*args, "teacher", "fit-demo"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "demo_teacher_fit.json").read_text())
+    assert report["split"] == "test" and set(report["recall"]) == set(report["chance"])
+    assert report["chance"]["t2i_r1"] == pytest.approx(100 / 12)
+    assert report["fit"]["steps"] == 12
+    result = CliRunner().invoke(app, [*args, "teacher", "info"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["checkpoint_sha256"]

@@ -93,6 +93,8 @@ class ExtractConfig:
     image_batch_size: int = 64
     text_batch_size: int = 256
     loader_workers: int = 2
+    # Torch CPU threads per extraction process; 0 = its share of the cores minus its loader workers.
+    cpu_threads: int = 0
     rows_per_shard: int = 4096
     rows_per_chunk: int = 256
     # Dask: 0 = no cluster (in-process); N > 0 = local cluster of N workers; or a scheduler address.

@@ -10,12 +10,13 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.data.images import BadImageError, load_rgb
+from pipeline.errors import DsmdError
 
 
 @dataclass
 class ImageBatch:
     ids: torch.Tensor  # int64 image ids
-    pixels: torch.Tensor  # only the rows that decoded
+    pixels: torch.Tensor  # only the rows that decoded, in order
     ok: torch.Tensor  # bool per id: decoded and present in pixels
     reasons: list[str]  # "" for good rows
 
@@ -34,12 +35,14 @@ class _ImageRows(Dataset):
         image_id = self.ids[index]
         if image_id in self.known_bad:
             return image_id, None, self.known_bad[image_id]
+        # The reasons are worded as `dsmd data check` words them, so a store is the same with or without a check.
         try:
-            path = self.paths(image_id)
-            image = load_rgb(path)
+            image = load_rgb(self.paths(image_id))
         except BadImageError as exc:
-            return image_id, None, str(exc)
-        except Exception as exc:  # a path that escapes its root, a decoder bug: a skip, never a crash
+            return image_id, None, exc.reason
+        except DsmdError as exc:  # the path leaves the images root (a symlink changed since prepare)
+            return image_id, None, f"path outside the images root: {exc}"
+        except Exception as exc:  # a decoder bug: a skip, never a crash of the whole extraction
             return image_id, None, f"{type(exc).__name__}: {exc}"
         return image_id, self.transform(image), ""
 
@@ -53,20 +56,24 @@ def _collate(items) -> ImageBatch:
 
 
 def image_batches(
-    ids: Sequence[int],
+    batches: Sequence[Sequence[int]],
     paths: Callable[[int], Path],
     transform,
     *,
-    batch_size: int,
     workers: int,
     known_bad: dict[int, str] | None = None,
     pin_memory: bool = False,
 ) -> Iterator[ImageBatch]:
-    """Batches in the order of ids, so that whole shards complete one after another."""
+    """One ImageBatch per list of image ids in `batches`, in that order (the caller keeps batches inside one
+    shard, so a shard's contents never depend on where a run started)."""
+    ids = [image_id for batch in batches for image_id in batch]
+    positions, start = [], 0
+    for batch in batches:
+        positions.append(list(range(start, start + len(batch))))
+        start += len(batch)
     loader = DataLoader(
         _ImageRows(ids, paths, transform, known_bad or {}),
-        batch_size=batch_size,
-        shuffle=False,
+        batch_sampler=positions,
         num_workers=workers,
         collate_fn=_collate,
         pin_memory=pin_memory,

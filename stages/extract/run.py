@@ -1,60 +1,69 @@
-"""`dsmd extract`: in-process, or fanned out over a dask.distributed cluster, each worker owning whole shards."""
+"""`dsmd extract`: in-process, or fanned out over a dask.distributed cluster, each worker owning whole shards.
+
+Torch is imported only where the teacher runs (the worker module), so the Dask client and the early checks
+stay light.
+"""
 
 from __future__ import annotations
 
 import time
+from collections import Counter
 from dataclasses import dataclass, field
-
-import torch
+from pathlib import Path
 
 from pipeline.config import Config
 from pipeline.console import console, make_progress
+from pipeline.data.canonical import CanonicalDataset
 from pipeline.errors import DsmdError
-from stages.extract.worker import ExtractWorker, FillResult, fill_on_worker, prepare_on_worker
+from stages.extract.plan import (
+    KINDS,
+    UNSELECTED,
+    ShardTask,
+    check_splits,
+    open_store,
+    plan_shards,
+    selected_count,
+    selected_rows,
+)
+from store import FeatureStore
+
+_LISTED = 20  # skipped images named in the summary; the rest are in `dsmd store info`
 
 
 @dataclass
 class ExtractSummary:
     teacher: str
     store: str
-    rows_written: int = 0
+    shards_total: int = 0
     shards_written: int = 0
+    # Complete shards rewritten because they held rows of a split selected only now (part of shards_written).
+    shards_redone: int = 0
     shards_already_done: int = 0
+    rows_encoded: int = 0
+    rows_written: int = 0
+    # Over the whole store once the run is done: image row -> reason (bad or missing files) ...
     skipped: dict[int, str] = field(default_factory=dict)
+    # ... and per kind the rows left out because extract.splits did not select their split.
+    unselected: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
     workers: int = 1
+    notes: list[str] = field(default_factory=list)
 
 
 def _check_ready(cfg: Config) -> None:
-    from pathlib import Path
-
     if not (Path(cfg.data.canonical_dir) / "dataset.json").exists():
         raise DsmdError(
             f"no canonical dataset in {cfg.data.canonical_dir}: run `dsmd data prepare` (and `dsmd data check`) first"
         )
-
-
-def _summarise(summary: ExtractSummary, results: list[FillResult]) -> ExtractSummary:
-    for result in results:
-        summary.rows_written += result.rows
-        summary.shards_written += len(result.shards)
-        summary.skipped.update(result.skipped)
-    return summary
-
-
-def _print_summary(summary: ExtractSummary) -> None:
-    rate = summary.rows_written / summary.seconds if summary.seconds else 0.0
-    real_skips = {k: v for k, v in summary.skipped.items() if "split not selected" not in v}
-    console.print(
-        f"[green]extract done[/green]: teacher {summary.teacher} -> {summary.store}; "
-        f"{summary.shards_written} shards written ({summary.shards_already_done} were already complete), "
-        f"{summary.rows_written} rows in {summary.seconds:.1f}s ({rate:.1f} rows/s) on {summary.workers} worker(s); "
-        f"{len(real_skips)} image(s) skipped"
-    )
-    for image_id, reason in sorted(real_skips.items())[:20]:
-        console.print(f"  skipped image {image_id}: {reason}", highlight=False)
-    if len(real_skips) > 20:
-        console.print(f"  ... and {len(real_skips) - 20} more (see `dsmd store info`)")
+    check_splits(cfg.extract.splits)
+    ex = cfg.extract
+    if ex.dask_workers < 0:
+        raise DsmdError(f"extract.dask_workers must be 0 (in-process) or more, got {ex.dask_workers}")
+    if (ex.dask_workers > 0 or ex.dask_scheduler) and (ex.backend == "hdf5" or ex.store.endswith((".h5", ".hdf5"))):
+        raise DsmdError(
+            f"extract.store {ex.store}: an HDF5 store takes one writer, not a Dask cluster; extract into zarr and "
+            "`dsmd store convert` it"
+        )
 
 
 def run_extract(cfg: Config) -> ExtractSummary:
@@ -69,87 +78,170 @@ def run_extract(cfg: Config) -> ExtractSummary:
     return summary
 
 
+def _start_summary(cfg: Config, store: FeatureStore, tasks: list[ShardTask], workers: int) -> ExtractSummary:
+    total = sum(store.num_shards(kind) for kind in KINDS)
+    return ExtractSummary(
+        cfg.teacher.name,
+        cfg.extract.store,
+        shards_total=total,
+        shards_already_done=total - len(tasks),
+        workers=workers,
+    )
+
+
+def _finish(summary: ExtractSummary, store: FeatureStore, results) -> ExtractSummary:
+    for result in results:
+        summary.rows_encoded += result.rows_encoded
+        summary.rows_written += result.rows_written
+        summary.shards_written += len(result.shards)
+        summary.shards_redone += sum(task.redo for task in result.shards)
+        summary.notes += [note for note in result.notes if note not in summary.notes]
+    for kind in KINDS:
+        skipped = store.skipped(summary.teacher, kind)
+        summary.unselected[kind] = sum(reason == UNSELECTED for reason in skipped.values())
+        if kind == "image":
+            summary.skipped = {row: reason for row, reason in skipped.items() if reason != UNSELECTED}
+    return summary
+
+
+def _print_summary(summary: ExtractSummary) -> None:
+    rate = summary.rows_encoded / summary.seconds if summary.seconds else 0.0
+    redone = f", {summary.shards_redone} of them for newly selected splits" if summary.shards_redone else ""
+    console.print(
+        f"[green]extract done[/green]: teacher {summary.teacher} -> {summary.store}; "
+        f"{summary.shards_written} shards written{redone}, {summary.shards_already_done} were already complete "
+        f"(of {summary.shards_total}); {summary.rows_encoded} rows encoded in {summary.seconds:.1f}s "
+        f"({rate:.1f} rows/s) on {summary.workers} worker(s); {len(summary.skipped)} image(s) skipped",
+        highlight=False,
+    )
+    for image_id, reason in list(summary.skipped.items())[:_LISTED]:
+        console.print(f"  skipped image {image_id}: {reason}", highlight=False)
+    if len(summary.skipped) > _LISTED:
+        console.print(f"  ... and {len(summary.skipped) - _LISTED} more (see `dsmd store info`)")
+    if any(summary.unselected.values()):
+        console.print(
+            f"  left out by extract.splits: {summary.unselected.get('image', 0)} image and "
+            f"{summary.unselected.get('text', 0)} caption rows (invalid in the store; a run selecting their split "
+            "adds them)",
+            highlight=False,
+        )
+    for note in summary.notes:
+        console.print(f"  note: {note}", highlight=False)
+
+
 def _run_local(cfg: Config) -> ExtractSummary:
-    worker = ExtractWorker(cfg)
-    worker.prepare()
-    total_shards = sum(worker.store.num_shards(cfg.teacher.name, kind) for kind in ("image", "text"))
-    pending = worker.pending()
-    summary = ExtractSummary(cfg.teacher.name, cfg.extract.store, shards_already_done=total_shards - len(pending))
-    rows = sum(stop - start for stop, start in (_span(worker, kind, shard) for kind, shard in pending))
-    with make_progress() as progress:
-        task = progress.add_task(f"extract {cfg.teacher.name}", total=rows, rate="")
+    import torch
 
-        def advance(n: int) -> None:
-            speed = progress.tasks[task].speed
-            progress.update(task, advance=n, rate=f"{speed:.1f} rows/s" if speed else "")
+    from stages.extract.worker import ExtractWorker, cpu_threads
 
-        result = worker.fill(pending, on_rows=advance)
-    return _summarise(summary, [result])
+    previous = torch.get_num_threads()
+    torch.set_num_threads(cpu_threads(cfg.extract.cpu_threads, cfg.extract.loader_workers))
+    try:
+        with ExtractWorker(cfg) as worker:
+            worker.prepare()
+            tasks = worker.plan()
+            summary = _start_summary(cfg, worker.store, tasks, workers=1)
+            total = selected_count(worker.store, tasks, worker.selected)
+            with make_progress() as progress:
+                bar = progress.add_task(f"extract {cfg.teacher.name}", total=total, rate="")
 
+                def advance(n: int) -> None:
+                    speed = progress.tasks[bar].speed
+                    progress.update(bar, advance=n, rate=f"{speed:.1f} rows/s" if speed else "")
 
-def _span(worker: ExtractWorker, kind: str, shard: int) -> tuple[int, int]:
-    start, stop = worker.store.shard_rows(worker.cfg.teacher.name, kind, shard)
-    return stop, start
-
-
-def _devices_for(n_workers: int, device: str) -> list[str]:
-    """One GPU per worker when there are GPUs; otherwise every worker on the CPU."""
-    if device in ("auto", "cuda") and torch.cuda.is_available():
-        count = torch.cuda.device_count()
-        return [f"cuda:{i % count}" for i in range(n_workers)]
-    if device == "auto":
-        return ["cpu"] * n_workers
-    return [device] * n_workers
+                result = worker.fill(tasks, on_rows=advance)
+            return _finish(summary, worker.store, [result])
+    finally:
+        torch.set_num_threads(previous)
 
 
-def _run_dask(cfg: Config) -> ExtractSummary:
-    from dask.distributed import Client, LocalCluster, wait
-
-    from pipeline.data.canonical import CanonicalDataset
-    from stages.extract.worker import open_store
+# -- Dask ---------------------------------------------------------------------------------------------
+def _connect(cfg: Config):
+    """(client, cluster or None). A local cluster runs one single-threaded process per worker."""
+    from dask.distributed import Client, LocalCluster
 
     ex = cfg.extract
     if ex.dask_scheduler:
-        cluster = None
-        client = Client(ex.dask_scheduler)
-    else:
-        # Processes, one thread each: every worker holds its own teacher and owns whole shards.
-        cluster = LocalCluster(n_workers=ex.dask_workers, threads_per_worker=1, processes=True)
-        client = Client(cluster)
-    try:
-        addresses = sorted(client.scheduler_info()["workers"])
-        if not addresses:
-            raise DsmdError(f"the Dask cluster at {ex.dask_scheduler or 'localhost'} has no workers")
-        devices = _devices_for(len(addresses), ex.device)
-        # Arrays are created once, before any worker writes (zarr must not be created from several processes).
-        client.submit(prepare_on_worker, cfg, devices[0], workers=[addresses[0]], pure=False).result()
-        ds = CanonicalDataset.load(cfg.data.canonical_dir)
-        store = open_store(cfg, ds)
-        name = cfg.teacher.name
-        pending = [(kind, shard) for kind in ("image", "text") for shard in store.pending_shards(name, kind)]
-        total = sum(store.num_shards(name, kind) for kind in ("image", "text"))
-        summary = ExtractSummary(name, ex.store, shards_already_done=total - len(pending), workers=len(addresses))
-        # Round robin: each worker gets every n-th pending shard, so image and text work is spread evenly.
-        futures = []
-        for index, address in enumerate(addresses):
-            owned = pending[index :: len(addresses)]
-            if owned:
-                futures.append(
-                    client.submit(fill_on_worker, cfg, owned, devices[index], workers=[address], pure=False)
-                )
-        with make_progress() as progress:
-            task = progress.add_task(f"extract {name} on {len(addresses)} Dask workers", total=len(pending), rate="")
-            while futures and not all(f.done() for f in futures):
-                done = len(pending) - sum(len(store.pending_shards(name, kind)) for kind in ("image", "text"))
-                progress.update(task, completed=done, rate="shards")
-                time.sleep(1.0)
-            progress.update(task, completed=len(pending))
-        wait(futures)
-        errors = [f.exception() for f in futures if f.status == "error"]
-        if errors:
-            raise DsmdError(f"a Dask worker failed: {errors[0]}; finished shards are kept, rerun to resume")
-        return _summarise(summary, [f.result() for f in futures])
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
+        try:
+            return Client(ex.dask_scheduler, timeout="30s"), None
+        except (OSError, TimeoutError) as exc:
+            raise DsmdError(
+                f"extract.dask_scheduler {ex.dask_scheduler!r}: cannot connect ({exc}); is the scheduler running "
+                "and reachable from here?"
+            ) from None
+    cluster = LocalCluster(n_workers=ex.dask_workers, threads_per_worker=1, processes=True, dashboard_address=":0")
+    return Client(cluster), cluster
+
+
+def _placement(client) -> list[tuple[str, int, int]]:
+    """(address, rank among the workers of its host, workers on its host) for every worker, by address."""
+    workers = client.scheduler_info(n_workers=-1)["workers"]
+    if not workers:
+        try:
+            client.wait_for_workers(1, timeout=60)
+        except TimeoutError:
+            raise DsmdError("the Dask cluster has no workers (waited 60 s); start some with `dask worker`") from None
+        workers = client.scheduler_info(n_workers=-1)["workers"]
+    per_host = Counter(info.get("host", address) for address, info in workers.items())
+    seen: Counter = Counter()
+    placement = []
+    for address in sorted(workers):
+        host = workers[address].get("host", address)
+        placement.append((address, seen[host], per_host[host]))
+        seen[host] += 1
+    return placement
+
+
+def _run_dask(cfg: Config) -> ExtractSummary:
+    import dask
+    import dask.distributed  # noqa: F401 - loads its config defaults, which config.set below must not shadow
+
+    from stages.extract.worker import fill_on_worker
+
+    ds = CanonicalDataset.load(cfg.data.canonical_dir)
+    selected = selected_rows(ds, cfg.extract.splits)
+    name = cfg.teacher.name
+    # Non-daemonic workers may start DataLoader processes to decode images.
+    with dask.config.set({"distributed.worker.daemon": False}):
+        client, cluster = _connect(cfg)
+        try:
+            placement = _placement(client)
+            with open_store(cfg, ds) as store:
+                tasks = plan_shards(store, name, selected)
+                summary = _start_summary(cfg, store, tasks, workers=len(placement))
+                # Round robin: every worker gets every n-th shard, so image and text work is spread evenly. Each
+                # task creates or checks the arrays itself, so the teacher loads once per worker.
+                futures = [
+                    client.submit(fill_on_worker, cfg, owned, rank, on_host,
+                                  workers=[address], allow_other_workers=True, pure=False)
+                    for index, (address, rank, on_host) in enumerate(placement)
+                    if (owned := tasks[index :: len(placement)])
+                ]
+                _follow(futures, store, name, selected, tasks, len(placement))
+                errors = [f.exception() for f in futures if f.status == "error"]
+                if errors:
+                    raise DsmdError(f"a Dask worker failed: {errors[0]}; finished shards are kept, rerun to resume")
+                return _finish(summary, store, [f.result() for f in futures])
+        finally:
+            client.close()
+            if cluster is not None:
+                cluster.close()
+
+
+def _follow(futures, store: FeatureStore, name: str, selected, tasks: list[ShardTask], n_workers: int) -> None:
+    """Progress from the store's marks until every future is done."""
+    keys = {task.key for task in tasks}
+
+    def update(bar) -> None:
+        try:
+            left = keys & {task.key for task in plan_shards(store, name, selected)}
+        except Exception:  # noqa: BLE001 - a worker may be creating an array this moment: try next tick
+            return
+        progress.update(bar, completed=len(keys) - len(left))
+
+    with make_progress() as progress:
+        bar = progress.add_task(f"extract {name} on {n_workers} Dask workers", total=len(tasks), rate="shards")
+        while not all(f.done() for f in futures):
+            update(bar)
+            time.sleep(0.5)
+        update(bar)

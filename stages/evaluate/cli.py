@@ -32,7 +32,7 @@ def register(app: typer.Typer) -> None:
             # Torch-free: neither the config nor the student is read.
             from stages.export.bundle import search_bundle
 
-            results = search_bundle(bundle, query, top)
+            results = search_bundle(bundle, query, top, image=image)
         else:
             from stages.evaluate.search import search as run_search
 

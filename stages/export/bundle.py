@@ -3,13 +3,16 @@
 Directory layout (``bundle.json`` is written last; a directory without it is an unfinished build):
 
 - ``text_encoder.onnx`` (float32 or int8, copied from an export), ``tokenizer.json``, ``preprocess.json``;
-- ``gallery.npy``: the image embeddings, stored transposed (dim x N) as ``int8`` codes or ``float16``;
-  ``scales.npy`` (int8 only): per-dimension multipliers, ``code = round(value * scale)``;
-- ``ids.npy`` (int64 image id per gallery column) and ``paths.json`` (optional, relative image paths);
-- ``score.onnx``: the search graph, ``query x gallery`` then top-k, run by onnxruntime. For int8 it is an
-  integer product (MatMulInteger): the per-dimension scales are folded into the query, which is quantised to
-  8 bits per call, so the gallery is never widened; scanning 10^6 x 128 codes takes ~15 ms on one core here,
-  where widening float16 blocks with numpy takes ~30 times longer.
+- ``gallery.npy``: the image embeddings, ``int8`` codes stored transposed (dim x N), or ``float16`` rows
+  (N x dim); ``scales.npy`` (int8 only): per-dimension multipliers, ``code = round(value * scale)``;
+- ``ids.npy`` (int64 image id per gallery item) and ``paths.json`` (optional, relative image paths);
+- ``score.onnx``: the search graph, ``query x gallery`` then top-k, run by onnxruntime.
+  int8: one integer product (MatMulInteger) over the whole gallery: the per-dimension scales are folded into
+  the query, which is quantised to 8 bits per call, so the gallery is never widened (10^6 x 128 codes in
+  ~15 ms on one core here). float16: onnxruntime has no float16 matrix product on most CPUs and would widen
+  the whole gallery to float32 on every query (twice the gallery in scratch memory), so the rows are fed in
+  blocks whose float32 copy stays within ``FLOAT_BLOCK_BYTES``; numpy's own float16 -> float32 conversion is
+  several times slower than onnxruntime's.
 
 The candidates the graph returns (a few times k) are rescored in float32 against the stored values, so the
 final order and scores do not carry the query's quantisation. Scores are inner products of L2-normalised
@@ -41,6 +44,8 @@ RESCORE_FACTOR = 4
 RESCORE_MIN = 32
 # |code| <= 127 so that the query's zero point (128) and the codes stay symmetric.
 INT8_MAX = 127
+# float16 galleries are scored in row blocks whose float32 copy takes at most this much scratch memory.
+FLOAT_BLOCK_BYTES = 4 << 20
 
 
 # ---------------------------------------------------------------------------------------------------------
@@ -57,17 +62,24 @@ def _score_graph(storage: str, dim: int):
         ]
         query_type, gallery_type, score_type = TensorProto.UINT8, TensorProto.INT8, TensorProto.FLOAT
         zero_point = [helper.make_tensor("query_zero_point", TensorProto.UINT8, [], [128])]
+        query_shape, gallery_shape = ["queries", dim], [dim, "items"]
     else:
-        nodes = [helper.make_node("MatMul", ["query", "gallery"], ["scores"])]
-        query_type = gallery_type = score_type = TensorProto.FLOAT16
+        # A block of float16 rows, widened here; the query comes transposed (dim x queries) in float32.
+        nodes = [
+            helper.make_node("Cast", ["gallery"], ["rows"], to=TensorProto.FLOAT),
+            helper.make_node("MatMul", ["rows", "query"], ["scores_by_row"]),
+            helper.make_node("Transpose", ["scores_by_row"], ["scores"], perm=[1, 0]),
+        ]
+        query_type, gallery_type, score_type = TensorProto.FLOAT, TensorProto.FLOAT16, TensorProto.FLOAT
         zero_point = []
+        query_shape, gallery_shape = [dim, "queries"], ["items", dim]
     nodes.append(helper.make_node("TopK", ["scores", "k"], ["top_scores", "top_columns"], axis=-1))
     graph = helper.make_graph(
         nodes,
         f"dsmd_search_{storage}",
         [
-            helper.make_tensor_value_info("query", query_type, ["queries", dim]),
-            helper.make_tensor_value_info("gallery", gallery_type, [dim, "items"]),
+            helper.make_tensor_value_info("query", query_type, query_shape),
+            helper.make_tensor_value_info("gallery", gallery_type, gallery_shape),
             helper.make_tensor_value_info("k", TensorProto.INT64, [1]),
         ],
         [
@@ -143,8 +155,9 @@ def build_bundle(
     shutil.copyfile(export_dir / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)
     shutil.copyfile(export_dir / PREPROCESS_FILE, out_dir / PREPROCESS_FILE)
 
+    int8 = storage == "int8"
     gallery = np.lib.format.open_memmap(
-        out_dir / "gallery.npy", mode="w+", dtype=np.int8 if storage == "int8" else np.float16, shape=(dim, n)
+        out_dir / "gallery.npy", mode="w+", dtype=np.int8 if int8 else np.float16, shape=(dim, n) if int8 else (n, dim)
     )
     if storage == "int8":
         peak = np.zeros(dim, dtype=np.float32)
@@ -163,7 +176,7 @@ def build_bundle(
             block = np.asarray(vectors[start:stop], dtype=np.float32)
             if not np.isfinite(block).all():
                 raise DsmdError(f"bundle gallery: rows {start}..{stop - 1} hold NaN or infinite values")
-            gallery[:, start:stop] = block.astype(np.float16).T
+            gallery[start:stop] = block.astype(np.float16)
     gallery.flush()
     del gallery
     np.save(out_dir / "ids.npy", ids.astype(np.int64))
@@ -213,10 +226,12 @@ class Bundle:
         self.scales = self._load_array("scales.npy", False) if self.storage == "int8" else None
         paths_file = directory / "paths.json"
         self.paths = json.loads(paths_file.read_text(encoding="utf-8")) if paths_file.is_file() else None
-        expected_dtype = np.int8 if self.storage == "int8" else np.float16
-        sizes = {"bundle.json": (header["dim"], header["count"]), "gallery.npy": self.gallery.shape}
+        int8 = self.storage == "int8"
+        expected_dtype = np.int8 if int8 else np.float16
+        expected_shape = (header["dim"], header["count"]) if int8 else (header["count"], header["dim"])
+        sizes = {"bundle.json": expected_shape, "gallery.npy": self.gallery.shape}
         if (
-            self.gallery.shape != (header["dim"], header["count"])
+            self.gallery.shape != expected_shape
             or self.gallery.dtype != expected_dtype
             or len(self.ids) != header["count"]
             or (self.paths is not None and len(self.paths) != header["count"])
@@ -231,7 +246,8 @@ class Bundle:
         )
         self.scorer = make_session(directory / "score.onnx", threads)
         # No copy: onnxruntime reads the numpy buffer of a CPU tensor in place.
-        self._gallery_value = ort.OrtValue.ortvalue_from_numpy(self.gallery)
+        self._gallery_value = ort.OrtValue.ortvalue_from_numpy(self.gallery) if int8 else None
+        self._block_rows = max(1, FLOAT_BLOCK_BYTES // (4 * self.dim))
 
     def _load_array(self, name: str, mmap: bool) -> np.ndarray:
         path = self.directory / name
@@ -253,21 +269,34 @@ class Bundle:
         return self.text_encoder.encode(texts)
 
     def _candidates(self, queries: np.ndarray, count: int) -> np.ndarray:
-        feeds: dict[str, Any] = {"gallery": self._gallery_value, "k": np.array([count], dtype=np.int64)}
+        """Gallery items (queries x count) to rescore: the best by the scoring graph's approximate scores."""
+        k = np.array([count], dtype=np.int64)
         if self.storage == "int8":
             # score = sum_d q_d * v_d ~= sum_d (q_d / scale_d) * code_d; that weight vector is quantised per query.
             weights = queries / self.scales
             peak = np.abs(weights).max(axis=1, keepdims=True)
             step = np.where(peak > 0, INT8_MAX / np.maximum(peak, 1e-30), 1.0)
-            feeds["query"] = (np.clip(np.rint(weights * step), -INT8_MAX, INT8_MAX) + 128).astype(np.uint8)
-        else:
-            feeds["query"] = queries.astype(np.float16)
-        return self.scorer.run(["top_columns"], feeds)[0]
+            query = (np.clip(np.rint(weights * step), -INT8_MAX, INT8_MAX) + 128).astype(np.uint8)
+            return self.scorer.run(["top_columns"], {"query": query, "gallery": self._gallery_value, "k": k})[0]
+        query = np.ascontiguousarray(queries.T)
+        scores, columns = [], []
+        for start in range(0, len(self), self._block_rows):
+            block = self.gallery[start : start + self._block_rows]
+            block_k = np.array([min(count, len(block))], dtype=np.int64)
+            top_scores, top_rows = self.scorer.run(None, {"query": query, "gallery": block, "k": block_k})
+            scores.append(top_scores)
+            columns.append(top_rows + start)
+        scores, columns = np.concatenate(scores, axis=1), np.concatenate(columns, axis=1)
+        if scores.shape[1] > count:
+            keep = np.argpartition(-scores, count - 1, axis=1)[:, :count]
+            columns = np.take_along_axis(columns, keep, axis=1)
+        return columns
 
     def _stored_values(self, columns: np.ndarray) -> np.ndarray:
         """dim x len(columns) float32 gallery values as stored (dequantised for int8)."""
-        values = np.asarray(self.gallery[:, columns], dtype=np.float32)
-        return values / self.scales[:, None] if self.scales is not None else values
+        if self.scales is None:
+            return np.asarray(self.gallery[columns], dtype=np.float32).T
+        return np.asarray(self.gallery[:, columns], dtype=np.float32) / self.scales[:, None]
 
     def search_columns(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Top ``k`` gallery columns per query embedding: ``(scores, columns)`` each (queries, min(k, size)),
@@ -310,8 +339,12 @@ class Bundle:
         return results
 
 
-def search_bundle(directory: str | Path, text: str, top: int = 5, *, threads: int = 0) -> list[dict]:
+def search_bundle(
+    directory: str | Path, text: str | None, top: int = 5, *, image: Path | None = None, threads: int = 0
+) -> list[dict]:
     """`dsmd search --bundle DIR "caption"`: hits as dicts with rank, id, score and path (when shipped)."""
+    if image is not None:
+        raise DsmdError("search --bundle answers captions only (it ships the text encoder); drop --image")
     if not text or not str(text).strip():
         raise DsmdError("search --bundle: give a caption to search images with")
     return Bundle(directory, threads=threads).hits(str(text), top)

@@ -116,8 +116,10 @@ class ZarrBackend:
         key = (teacher, kind)
         if key not in self._arrays:
             mode = "r+" if self.writable else "r"
-            self._arrays[key] = zarr.open_array(
-                store=self._store, path=f"{teacher}/{kind}", mode=mode, config=_WRITE_CONFIG
+            # open_array ignores its config argument (zarr 3.1): set it on the opened array, or zarr drops the
+            # file of an all-zero shard (every row skipped) and the write cannot be checked.
+            self._arrays[key] = zarr.open_array(store=self._store, path=f"{teacher}/{kind}", mode=mode).with_config(
+                _WRITE_CONFIG
             )
         return self._arrays[key]
 

@@ -230,9 +230,6 @@ def test_widening_pair_splits_rewrites_only_the_shards_that_hold_them(tmp_path):
                                    atol=2e-5)
 
 
-@pytest.mark.xfail(strict=True, raises=FileNotFoundError,
-                   reason="store bug: the zarr backend drops the file of an all-zero shard (zarr.open_array ignores "
-                          "write_empty_chunks); remove this marker with the store fix")
 def test_a_shard_without_selected_captions(tmp_path):
     cfg, ds = fresh(tmp_path, rows_per_shard=2, rows_per_chunk=2)  # shard 1 = captions 2, 3: val only
     summary = extract_pairs(cfg, align=False)

@@ -159,46 +159,40 @@ def test_bad_and_missing_images_are_recorded_and_their_captions_kept(broken_worl
 
 
 def test_splits_left_out_are_recorded_then_added_by_a_wider_run(world, reference, tmp_path):
-    """extract.splits=[val, test] leaves train rows invalid with a reason; a later run with every split
-    rewrites exactly the shards holding such rows; a narrower run afterwards changes nothing."""
+    """extract.splits=[test] leaves the other rows invalid with a reason (shards without a test row are complete
+    and all invalid); a later run with every split rewrites exactly the shards holding such rows; a narrower
+    run afterwards changes nothing."""
     from pipeline.data.canonical import CanonicalDataset
     from stages.extract.plan import UNSELECTED
     from stages.extract.run import run_extract
 
     ds = CanonicalDataset.load(world.canonical)
-    train_images, train_captions = ds.image_ids("train"), ds.caption_ids("train")
     store = tmp_path / "features.zarr"
-    # 80-row shards: image shard 0 = images 0..35; caption shards 0..79 (train up to 71) and 80..107 (val, test).
-    first = run_extract(config(world, tmp_path, splits=["val", "test"], rows_per_shard=80))
-    assert first.unselected == {"image": len(train_images), "text": len(train_captions)}
-    assert first.rows_encoded == (N_IMAGES - len(train_images)) + (N_CAPTIONS - len(train_captions))
+    first = run_extract(config(world, tmp_path, splits=["test"]))
+    assert first.shards_written == SHARDS
     part = read_store(store, world.canonical)
-    for kind, left_out in (("image", train_images), ("text", train_captions)):
-        assert part.skipped[kind] == dict.fromkeys(left_out.tolist(), UNSELECTED)
-        assert part.valid[kind].tolist() == [i not in set(left_out) for i in range(len(part.valid[kind]))]
+    for kind, test_rows in (("image", ds.image_ids("test")), ("text", ds.caption_ids("test"))):
+        left_out = sorted(set(range(len(part.valid[kind]))) - set(test_rows.tolist()))
+        assert first.unselected[kind] == len(left_out)
+        assert part.skipped[kind] == dict.fromkeys(left_out, UNSELECTED)
+        assert part.valid[kind].tolist() == [i in set(test_rows.tolist()) for i in range(len(part.valid[kind]))]
         assert not part.rows[kind][left_out].any()
-    untouched = marks(store)[("text", 1)]
+        np.testing.assert_array_equal(part.rows[kind][test_rows], reference.rows[kind][test_rows])
+    # Shards of 8 rows: images 0..23 train, 24..27 val, 28..35 test; captions 0..71, 72..83, 84..107.
+    only_test = {("image", 4), ("text", 11), ("text", 12), ("text", 13)}
+    kept = {key: mark for key, mark in marks(store).items() if key in only_test}
 
-    wider = run_extract(config(world, tmp_path, rows_per_shard=80))
-    assert (wider.shards_written, wider.shards_redone, wider.shards_already_done) == (2, 2, 1)
+    wider = run_extract(config(world, tmp_path))
+    assert (wider.shards_written, wider.shards_redone, wider.shards_already_done) == (SHARDS - 4, SHARDS - 4, 4)
+    assert wider.rows_encoded == N_IMAGES + N_CAPTIONS - (36 - 32) - (108 - 88)
     assert wider.unselected == {"image": 0, "text": 0}
-    assert marks(store)[("text", 1)] == untouched
+    assert {key: mark for key, mark in marks(store).items() if key in only_test} == kept
     full = read_store(store, world.canonical)
     assert_same_contents(full, reference)
 
-    narrower = run_extract(config(world, tmp_path, splits=["test"], rows_per_shard=80))
+    narrower = run_extract(config(world, tmp_path, splits=["val"]))
     assert narrower.shards_written == 0
     assert_same_contents(read_store(store, world.canonical), full)
-
-
-@pytest.mark.xfail(strict=True, reason="store bug: the zarr backend writes no file for an all-zero shard, so a "
-                   "shard whose rows are all skipped cannot be completed (FileNotFoundError in write_rows)")
-def test_a_shard_without_any_selected_row(world, tmp_path):
-    from stages.extract.run import run_extract
-
-    summary = run_extract(config(world, tmp_path, splits=["test"]))  # image shards 0..2 hold train rows only
-    assert summary.shards_written == SHARDS
-    assert not read_store(tmp_path / "features.zarr", world.canonical).valid["image"][:24].any()
 
 
 def test_unknown_split_is_refused(world, tmp_path):
@@ -232,3 +226,24 @@ def test_store_is_keyed_by_teacher_name_with_its_provenance(world, reference_sto
         provenance = reader.provenance(TEACHER, "image")
     assert provenance["teacher"]["teacher"] == TEACHER and provenance["extraction"]["precision"] == "fp32"
     assert "splits" not in provenance["extraction"]
+
+
+def test_settings_that_cannot_work_are_refused_before_any_work(world, tmp_path):
+    from pipeline.errors import DsmdError
+    from stages.extract.run import run_extract
+
+    with pytest.raises(DsmdError, match="HDF5 store takes one writer"):
+        run_extract(config(world, tmp_path, dask_workers=2, backend="hdf5"))
+    with pytest.raises(DsmdError, match="dask_workers must be 0"):
+        run_extract(config(world, tmp_path, dask_workers=-1))
+    assert not (tmp_path / "features.zarr").exists()
+
+
+def test_cpu_threads_share_the_cores(monkeypatch):
+    from stages.extract import worker
+
+    monkeypatch.setattr(worker.os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    assert worker.cpu_threads(0, loader_workers=2) == 14
+    assert worker.cpu_threads(0, loader_workers=2, processes_on_host=4) == 2
+    assert worker.cpu_threads(0, loader_workers=8, processes_on_host=4) == 1
+    assert worker.cpu_threads(3, loader_workers=8) == 3

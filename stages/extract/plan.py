@@ -81,11 +81,9 @@ def plan_shards(store: FeatureStore, teacher: str, selected: dict[str, np.ndarra
             tasks += [ShardTask(kind, shard) for shard in shards]
             continue
         pending = set(store.pending_shards(teacher, kind))
-        widened = {
-            row // rows_per_shard
-            for row, reason in store.skipped(teacher, kind).items()
-            if reason == UNSELECTED and selected[kind][row]
-        }
+        skipped = store.skipped(teacher, kind)
+        left_out = np.fromiter((row for row, reason in skipped.items() if reason == UNSELECTED), np.int64)
+        widened = set((left_out[selected[kind][left_out]] // rows_per_shard).tolist())
         tasks += [ShardTask(kind, shard, redo=shard not in pending) for shard in shards
                   if shard in pending or shard in widened]
     return tasks

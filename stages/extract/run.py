@@ -243,5 +243,5 @@ def _follow(futures, store: FeatureStore, name: str, selected, tasks: list[Shard
         bar = progress.add_task(f"extract {name} on {n_workers} Dask workers", total=len(tasks), rate="shards")
         while not all(f.done() for f in futures):
             update(bar)
-            time.sleep(0.5)
+            time.sleep(1.0)
         update(bar)

@@ -52,6 +52,7 @@ def _register_optional() -> None:
         "pipeline.models.cli",
         "store.cli",
         "stages.extract.cli",
+        "stages.extract.pairs_cli",
         "stages.distill.cli",
         "stages.evaluate.cli",
         "stages.export.cli",

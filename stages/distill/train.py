@@ -34,6 +34,15 @@ from stages.distill.checkpoint import LAST, load_checkpoint, rng_state, save_che
 from stages.distill.data import EpochBatches, PairCollate, PairRows, usable_pairs
 from stages.distill.ddp import Ranks, barrier, gather_plain, gather_with_grad, init_from_torchrun, shutdown
 from stages.distill.losses import DistillationLosses
+from stages.distill.mcad import McadObjective
+from stages.distill.mcad_data import (
+    McadCollate,
+    McadReaderOpener,
+    load_alignments,
+    mcad_provenance,
+    mcad_usable_pairs,
+    open_mcad_reader,
+)
 from stages.evaluate.metrics import retrieval_metrics
 from store import open_store
 
@@ -137,8 +146,13 @@ class Trainer:
         # The backend follows the device the run will use (nccl for GPUs, also when device is "auto").
         self.ranks = init_from_torchrun(_device_type(dc.device))
         self.device = _device(dc.device, self.ranks)
-        if dc.method != "dsmd":
-            raise DsmdError(f"distill.method={dc.method!r} is not available yet; use dsmd")
+        self.mcad = dc.method == "mcad"
+        # MCAD: the first dual teacher defines the student's space (and the one evaluate compares against).
+        if self.mcad and dc.teacher != dc.mcad.teachers[0]:
+            raise DsmdError(
+                f"distill.method=mcad: distill.teacher ({dc.teacher!r}) must be the first of distill.mcad.teachers "
+                f"({dc.mcad.teachers[0]!r}), whose space the student learns"
+            )
         micro = dc.batch_size // dc.grad_accum
         if dc.batch_size % dc.grad_accum or micro % self.ranks.world:
             raise DsmdError(
@@ -149,17 +163,21 @@ class Trainer:
         self.out = Path(dc.out_dir)
         self.out.mkdir(parents=True, exist_ok=True)
         self.ds = CanonicalDataset.load(cfg.data.canonical_dir)
-        self.reader = open_store(
-            cfg.extract.store,
-            dataset_fingerprint=self.ds.fingerprint,
-            teacher=dc.teacher,
-            # Loader workers open their own reader; the main process needs the rows only when it loads batches.
-            in_memory=dc.load_store_in_ram and dc.loader_workers == 0,
-        )
+        # Loader workers open their own reader; the main process needs the rows only when it loads batches.
+        in_memory = dc.load_store_in_ram and dc.loader_workers == 0
+        if self.mcad:
+            self.reader = open_mcad_reader(cfg.extract.store, self.ds.fingerprint, dc.mcad, in_memory=in_memory)
+        else:
+            self.reader = open_store(
+                cfg.extract.store, dataset_fingerprint=self.ds.fingerprint, teacher=dc.teacher, in_memory=in_memory
+            )
         self.dim = self.reader.dim(dc.teacher, "image")
         image_valid = self.reader.valid(dc.teacher, "image")
         text_valid = self.reader.valid(dc.teacher, "text")
-        self.train_pairs = usable_pairs(self.ds, "train", image_valid, text_valid)
+        if self.mcad:
+            self.train_pairs = mcad_usable_pairs(self.ds, "train", self.reader, dc.mcad.teachers, dc.mcad.fused_teacher)
+        else:
+            self.train_pairs = usable_pairs(self.ds, "train", image_valid, text_valid)
         if len(self.train_pairs) < dc.batch_size:
             raise DsmdError(
                 f"only {len(self.train_pairs)} usable training pairs, fewer than distill.batch_size "
@@ -169,7 +187,10 @@ class Trainer:
         self.val_images = val_images[image_valid[val_images]]
         val_captions = usable_pairs(self.ds, "val", image_valid, text_valid)
         self.val_captions = val_captions
-        provenance = self.reader.provenance(dc.teacher, "image").get("teacher", {})
+        if self.mcad:
+            provenance = mcad_provenance(self.reader, dc.mcad, cfg.extract.store, self.ds.fingerprint)
+        else:
+            provenance = self.reader.provenance(dc.teacher, "image").get("teacher", {})
         self.digest = config_digest(cfg, self.ds.fingerprint, provenance)
 
         torch.manual_seed(dc.seed)
@@ -179,7 +200,11 @@ class Trainer:
             if self.ranks.distributed
             else self.student
         )
-        self.losses = DistillationLosses(dc.losses, self.dim).to(self.device)
+        if self.mcad:
+            maps = load_alignments(cfg.extract.store, dc.mcad, self.ds.fingerprint, self.reader)
+            self.losses = McadObjective(dc.mcad, dc.losses, maps, self.dim).to(self.device)
+        else:
+            self.losses = DistillationLosses(dc.losses, self.dim).to(self.device)
         self.balancer = DynamicBalancer.from_config(self.losses.names, dc.balancer)
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=dc.lr, weight_decay=dc.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, dc.lr_step_epochs, dc.lr_gamma)
@@ -221,6 +246,8 @@ class Trainer:
     # ------------------------------------------------------------------------------------------ state
 
     def _value_names(self) -> list[str]:
+        if self.mcad:
+            return self.losses.value_names(self.device)
         probe = torch.nn.functional.normalize(torch.ones(2, self.dim), dim=-1).to(self.device)
         with torch.no_grad():
             values = self.losses(probe, probe, probe, probe, torch.arange(2, device=self.device))
@@ -295,12 +322,17 @@ class Trainer:
             start_batch=start_batch,
             group=dc.grad_accum,
         )
-        open_reader = (
-            _OpenReader(self.cfg.extract.store, self.ds.fingerprint, dc.teacher, dc.load_store_in_ram)
-            if dc.loader_workers > 0
-            else _SameReader(self.reader)
-        )
-        collate = PairCollate(_Tokenize(self.student.tokenizer, self.cfg.student.max_text_len), open_reader, dc.teacher)
+        tokenize = _Tokenize(self.student.tokenizer, self.cfg.student.max_text_len)
+        if dc.loader_workers == 0:
+            open_reader = _SameReader(self.reader)
+        elif self.mcad:
+            open_reader = McadReaderOpener(self.cfg.extract.store, self.ds.fingerprint, dc.mcad, dc.load_store_in_ram)
+        else:
+            open_reader = _OpenReader(self.cfg.extract.store, self.ds.fingerprint, dc.teacher, dc.load_store_in_ram)
+        if self.mcad:
+            collate = McadCollate(tokenize, open_reader, dc.mcad.teachers, dc.mcad.fused_teacher)
+        else:
+            collate = PairCollate(tokenize, open_reader, dc.teacher)
         return DataLoader(
             PairRows(self.ds, self.train_pairs, self.student.image_transform(train=True)),
             batch_sampler=sampler,
@@ -339,12 +371,18 @@ class Trainer:
         # Losses in float32, over the global batch: in-batch negatives come from every rank.
         s_v = gather_with_grad(s_v.float(), self.ranks)
         s_t = gather_with_grad(s_t.float(), self.ranks)
-        t_v = gather_plain(batch.teacher_image.to(dev).float(), self.ranks)
-        t_t = gather_plain(batch.teacher_text.to(dev).float(), self.ranks)
         ids = gather_plain(batch.image_ids.to(dev), self.ranks)
-        values = self.losses(s_v, s_t, t_v, t_t, ids)
+        if self.mcad:
+            rows = batch.teacher_rows(dev, lambda x: gather_plain(x, self.ranks))
+            values = self.losses(s_v, s_t, rows, ids)
+            teacher = (rows, ids)
+        else:
+            t_v = gather_plain(batch.teacher_image.to(dev).float(), self.ranks)
+            t_t = gather_plain(batch.teacher_text.to(dev).float(), self.ranks)
+            values = self.losses(s_v, s_t, t_v, t_t, ids)
+            teacher = (t_v, t_t, ids)
         total = self.balancer(self.losses.top_level(values))
-        return values, total, (t_v, t_t, ids)
+        return values, total, teacher
 
     def _optimizer_step(self) -> None:
         self.scaler.step(self.optimizer)

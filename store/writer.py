@@ -21,7 +21,7 @@ from store.common import (
     now_iso,
     recorded_dataset_name,
 )
-from store.errors import StoreError
+from store.errors import StoreError, StoreMismatchError
 from store.layout import (
     NORM_TOLERANCE,
     ROW_SPACE,
@@ -326,13 +326,13 @@ def _first(items: list) -> str:
 def _check_same_store(path: Path, root: dict, wanted: dict, made_for: str) -> None:
     if root["dataset_fingerprint"] != wanted["dataset_fingerprint"]:
         name = made_for or "another dataset"
-        raise StoreError(
+        raise StoreMismatchError(
             f"{path} was made for dataset {name!r} (fingerprint {root['dataset_fingerprint']}), not for this one "
             f"(fingerprint {wanted['dataset_fingerprint']}): use another extract.store path or delete the old store"
         )
     differing = [f"{key} {root[key]} (asked {wanted[key]})" for key in wanted if root.get(key) != wanted[key]]
     if differing:
-        raise StoreError(
+        raise StoreMismatchError(
             f"{path} exists with other parameters: {', '.join(differing)}; use the same settings to resume "
             "it, or another extract.store path"
         )
@@ -343,14 +343,18 @@ def _check_same_array(
 ) -> None:
     where = f"{path}: array {teacher}/{kind}"
     if attrs["dim"] != dim:
-        raise StoreError(f"{where} holds {attrs['dim']}-dimensional features, not {dim}; use another teacher name")
+        raise StoreMismatchError(
+            f"{where} holds {attrs['dim']}-dimensional features, not {dim}; use another teacher name"
+        )
     if attrs["dtype"] != dtype:
-        raise StoreError(f"{where} is stored as {attrs['dtype']}, not {dtype}; set extract.dtype={attrs['dtype']}")
+        raise StoreMismatchError(
+            f"{where} is stored as {attrs['dtype']}, not {dtype}; set extract.dtype={attrs['dtype']}"
+        )
     old, new = stable_provenance(attrs["provenance"]), stable_provenance(provenance)
     if old != new:
         keys = sorted(k for k in set(old) | set(new) if old.get(k) != new.get(k))
         detail = "; ".join(f"{k}: stored {old.get(k)!r}, now {new.get(k)!r}" for k in keys[:5])
-        raise StoreError(
+        raise StoreMismatchError(
             f"{where} was made with another teacher setup ({detail}); its features would mix with these. "
             "Use another teacher name or another store, or delete the array to start over"
         )

@@ -16,8 +16,12 @@ def register(app: typer.Typer) -> None:
         text_batch_size: int | None = typer.Option(None, help="Captions per teacher batch."),
         dtype: str | None = typer.Option(None, help="Store dtype: float16 | float32."),
         workers: int | None = typer.Option(None, help="Image loader worker processes."),
+        cpu_threads: int | None = typer.Option(None, help="Torch CPU threads per process (0: the cores left)."),
         dask_workers: int | None = typer.Option(None, help="Local Dask cluster of N workers (0: in-process)."),
         scheduler: str | None = typer.Option(None, help="Address of a running Dask scheduler."),
+        replace_stale: bool = typer.Option(
+            False, "--replace-stale", help="Delete and rebuild a store made for another dataset or teacher setup."
+        ),
     ) -> None:
         """Run the teacher over the dataset and fill the feature store (resumes where a killed run stopped)."""
         from pipeline.config import load_config
@@ -30,6 +34,7 @@ def register(app: typer.Typer) -> None:
             "extract.text_batch_size": text_batch_size,
             "extract.dtype": dtype,
             "extract.loader_workers": workers,
+            "extract.cpu_threads": cpu_threads,
             "extract.dask_workers": dask_workers,
             "extract.dask_scheduler": scheduler,
         }
@@ -37,4 +42,4 @@ def register(app: typer.Typer) -> None:
         if extra:
             root = ctx.find_root().obj
             cfg = load_config(root["params"], [*root["overrides"], *extra])
-        run_extract(cfg)
+        run_extract(cfg, replace_stale=replace_stale)

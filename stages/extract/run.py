@@ -6,10 +6,13 @@ stay light.
 
 from __future__ import annotations
 
+import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from rich.markup import escape
 
 from pipeline.config import Config
 from pipeline.console import console, make_progress
@@ -26,6 +29,7 @@ from stages.extract.plan import (
     selected_rows,
 )
 from store import FeatureStore
+from store.errors import StoreMismatchError
 
 _LISTED = 20  # skipped images named in the summary; the rest are in `dsmd store info`
 
@@ -45,7 +49,8 @@ class ExtractSummary:
     skipped: dict[int, str] = field(default_factory=dict)
     # ... and per kind the rows left out because extract.splits did not select their split.
     unselected: dict[str, int] = field(default_factory=dict)
-    seconds: float = 0.0
+    seconds: float = 0.0  # the whole run
+    fill_seconds: float = 0.0  # encoding and writing shards (the slowest worker's), without loading
     workers: int = 1
     notes: list[str] = field(default_factory=list)
 
@@ -66,13 +71,32 @@ def _check_ready(cfg: Config) -> None:
         )
 
 
-def run_extract(cfg: Config) -> ExtractSummary:
+def _remove_store(path: Path) -> None:
+    if path.is_dir():
+        shutil.rmtree(path)
+    elif path.exists():
+        path.unlink()
+    extras = path.with_name(path.name + ".extras")  # the HDF5 backend keeps its extras beside the file
+    if extras.is_dir():
+        shutil.rmtree(extras)
+
+
+def run_extract(cfg: Config, *, replace_stale: bool = False) -> ExtractSummary:
+    """Fill the store, resuming a partial one. ``replace_stale``: a store at the path that was made for another
+    dataset, layout or teacher setup is deleted and rebuilt (what DVC wants: the store is the stage's own
+    output, kept only so that a killed run can resume); without it such a store is an error."""
     _check_ready(cfg)
     started = time.perf_counter()
-    if cfg.extract.dask_workers > 0 or cfg.extract.dask_scheduler:
-        summary = _run_dask(cfg)
-    else:
-        summary = _run_local(cfg)
+    run = _run_dask if cfg.extract.dask_workers > 0 or cfg.extract.dask_scheduler else _run_local
+    try:
+        summary = run(cfg)
+    except StoreMismatchError as exc:
+        if not replace_stale:
+            raise
+        console.print(f"[yellow]{escape(str(exc))}[/yellow]")
+        console.print(f"--replace-stale: deleting {cfg.extract.store} and starting over", highlight=False)
+        _remove_store(Path(cfg.extract.store))
+        summary = run(cfg)
     summary.seconds = time.perf_counter() - started
     _print_summary(summary)
     return summary
@@ -95,6 +119,7 @@ def _finish(summary: ExtractSummary, store: FeatureStore, results) -> ExtractSum
         summary.rows_written += result.rows_written
         summary.shards_written += len(result.shards)
         summary.shards_redone += sum(task.redo for task in result.shards)
+        summary.fill_seconds = max(summary.fill_seconds, result.seconds)
         summary.notes += [note for note in result.notes if note not in summary.notes]
     for kind in KINDS:
         skipped = store.skipped(summary.teacher, kind)
@@ -105,13 +130,14 @@ def _finish(summary: ExtractSummary, store: FeatureStore, results) -> ExtractSum
 
 
 def _print_summary(summary: ExtractSummary) -> None:
-    rate = summary.rows_encoded / summary.seconds if summary.seconds else 0.0
+    rate = summary.rows_encoded / summary.fill_seconds if summary.fill_seconds else 0.0
     redone = f", {summary.shards_redone} of them for newly selected splits" if summary.shards_redone else ""
     console.print(
         f"[green]extract done[/green]: teacher {summary.teacher} -> {summary.store}; "
         f"{summary.shards_written} shards written{redone}, {summary.shards_already_done} were already complete "
-        f"(of {summary.shards_total}); {summary.rows_encoded} rows encoded in {summary.seconds:.1f}s "
-        f"({rate:.1f} rows/s) on {summary.workers} worker(s); {len(summary.skipped)} image(s) skipped",
+        f"(of {summary.shards_total}); {summary.rows_encoded} rows encoded in {summary.fill_seconds:.1f}s "
+        f"({rate:.1f} rows/s; {summary.seconds:.1f}s in all) on {summary.workers} worker(s); "
+        f"{len(summary.skipped)} image(s) skipped",
         highlight=False,
     )
     for image_id, reason in list(summary.skipped.items())[:_LISTED]:

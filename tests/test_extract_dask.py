@@ -4,6 +4,8 @@ CPU with one thread per worker)."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from extract_helpers import FIXTURE, assert_same_contents, build_world, config, marks, read_store
 
@@ -43,16 +45,23 @@ def test_a_running_scheduler_by_address(world, reference, tmp_path):
     from dask.distributed import LocalCluster
 
     from stages.extract.run import run_extract
+    from store.errors import StoreMismatchError
 
     # A cluster as someone else would start it: daemonic workers (Dask's default), which may not start
     # processes of their own, so the stage decodes in the worker and says so.
     with dask.config.set({"distributed.worker.daemon": True}), LocalCluster(
-        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None
+        n_workers=1, threads_per_worker=1, processes=True, dashboard_address=":0"
     ) as cluster:
-        summary = run_extract(config(world, tmp_path, dask_scheduler=cluster.scheduler_address, loader_workers=1))
-        assert cluster.scheduler_address  # the cluster outlives the run: the client must not close it
-        assert len(cluster.workers) == 1
+        cfg = config(world, tmp_path, dask_scheduler=cluster.scheduler_address, loader_workers=1)
+        summary = run_extract(cfg)
+        assert summary.workers == 1 and summary.shards_written == 6
+        assert any("daemonic" in note for note in summary.notes)
+        assert_same_contents(read_store(tmp_path / "features.zarr", world.canonical), reference)
 
-    assert summary.workers == 1 and summary.shards_written == 6
-    assert any("daemonic" in note for note in summary.notes)
-    assert_same_contents(read_store(tmp_path / "features.zarr", world.canonical), reference)
+        # The cluster outlived the run. Now another image transform (so another provenance) on a complete
+        # store: a worker still checks the arrays, and its refusal arrives as itself (--replace-stale acts on it).
+        other = dataclasses.replace(cfg, teacher=dataclasses.replace(cfg.teacher, img_size=48))
+        with pytest.raises(StoreMismatchError, match="another teacher setup"):
+            run_extract(other)
+        assert run_extract(other, replace_stale=True).shards_written == 6
+

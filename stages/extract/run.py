@@ -241,10 +241,13 @@ def _run_dask(cfg: Config) -> ExtractSummary:
                     client.submit(fill_on_worker, cfg, owned, rank, on_host,
                                   workers=[address], allow_other_workers=True, pure=False)
                     for index, (address, rank, on_host) in enumerate(placement)
-                    if (owned := tasks[index :: len(placement)])
+                    # With nothing to do, one worker still checks that the arrays match this teacher setup.
+                    if (owned := tasks[index :: len(placement)]) or (index == 0 and not tasks)
                 ]
                 _follow(futures, store, name, selected, tasks, len(placement))
                 errors = [f.exception() for f in futures if f.status == "error"]
+                if errors and isinstance(errors[0], StoreMismatchError):
+                    raise errors[0]  # the arrays were made with another teacher setup: --replace-stale may act
                 if errors:
                     raise DsmdError(f"a Dask worker failed: {errors[0]}; finished shards are kept, rerun to resume")
                 return _finish(summary, store, [f.result() for f in futures])

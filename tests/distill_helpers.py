@@ -19,8 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from paths import BEIT3_FIXTURE
 
-FIXTURE = Path("/work/shared/fixtures/beit3-tiny")
+FIXTURE = BEIT3_FIXTURE
 ORACLE_DIM = 32
 N_TRAIN, N_VAL, N_TEST = 60, 20, 10
 

@@ -9,10 +9,11 @@ from pathlib import Path
 
 import numpy as np
 import yaml
+from paths import BEIT3_FIXTURE
 
 from pipeline.config import Config, load_config
 
-FIXTURE = Path("/work/shared/fixtures/beit3-tiny")
+FIXTURE = BEIT3_FIXTURE
 if not FIXTURE.is_dir():
     FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "beit3-tiny"
 

@@ -11,7 +11,6 @@ import argparse
 import json
 import math
 import pickle
-from pathlib import Path
 
 import numpy as np
 import pytest
@@ -19,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from paths import BEIT3_FIXTURE
 from PIL import Image
 
 from pipeline.errors import DsmdError
@@ -39,9 +39,7 @@ from pipeline.models.beit3 import (
 from pipeline.models.beit3_tokenizer import BEiT3Tokenizer
 from pipeline.models.transforms import beit3_image_transform
 
-FIXTURE = Path("/work/shared/fixtures/beit3-tiny")
-if not FIXTURE.is_dir():  # the fixtures also ship next to the repository
-    FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "beit3-tiny"
+FIXTURE = BEIT3_FIXTURE
 pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason="beit3-tiny fixture not found")
 
 

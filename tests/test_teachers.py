@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from paths import BEIT3_FIXTURE
 from PIL import Image
 
 from pipeline.config import TeacherConfig
@@ -17,9 +18,7 @@ from pipeline.errors import DsmdError
 from pipeline.models.beit3 import BEiT3Config, BEiT3Retrieval, save_official_checkpoint, write_config_json
 from pipeline.models.teachers import BEiT3Teacher, CLIPTeacher, Teacher, load_teacher, resolve_precision
 
-FIXTURE = Path("/work/shared/fixtures/beit3-tiny")
-if not FIXTURE.is_dir():
-    FIXTURE = Path(__file__).resolve().parents[2] / "shared" / "fixtures" / "beit3-tiny"
+FIXTURE = BEIT3_FIXTURE
 
 
 def fixture_teacher_cfg(**changes) -> TeacherConfig:

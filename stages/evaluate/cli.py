@@ -17,6 +17,27 @@ def register(app: typer.Typer) -> None:
 
         run_evaluate(get_config(ctx))
 
+    @app.command("experiments")
+    def experiments(
+        ctx: typer.Context,
+        out: Path = typer.Option(Path("runs/experiments"), "--out", help="Where the table files go."),
+    ) -> None:
+        """Gather the finished DVC experiments (e.g. the ablations) into one comparison table."""
+        from rich.table import Table
+
+        from stages.evaluate.experiments import METRICS, collect, write_table
+
+        varying, rows = collect(".")
+        paths = write_table(out, varying, rows)
+        table = Table(title="experiments")
+        for column in ["experiment", *varying, *METRICS]:
+            table.add_column(column)
+        for row in rows:
+            table.add_row(*(str(row.get(c, "")) if not isinstance(row.get(c), float) else f"{row[c]:.2f}"
+                            for c in ["experiment", *varying, *METRICS]))
+        console.print(table)
+        console.print(f"{len(rows)} experiment(s): {paths['md']}, {paths['html']}, {paths['csv']}")
+
     @app.command("search")
     def search(
         ctx: typer.Context,

@@ -1,0 +1,166 @@
+"""The DVC pipeline on a fresh copy of the project, with the real dvc and the real stages at a tiny size.
+
+One module-scoped project is reproduced once; the tests then check what DVC reruns, a killed extraction that
+resumes, and a teammate who pulls the store from a local remote and distils without the teacher.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from paths import REPO
+
+BIN = Path(sys.executable).parent
+TINY = {
+    "demo": {"n_train": 100, "n_val": 20, "n_test": 20, "image_size": 32},
+    "demo_teacher": {"embed_dim": 32, "layers": 1, "heads": 2, "ffn_dim": 64, "vocab_size": 120, "epochs": 1,
+                     "batch_size": 40},
+    "teacher": {"img_size": 32, "max_text_len": 24},
+    "extract": {"rows_per_shard": 16, "rows_per_chunk": 16, "loader_workers": 0, "device": "cpu"},
+    "student": {"vision_model": "test_vit", "img_size": 32, "patch_size": 8, "text_hidden": 32, "text_layers": 1,
+                "text_heads": 2, "max_text_len": 24},
+    "distill": {"epochs": 1, "batch_size": 20, "loader_workers": 0, "device": "cpu", "checkpoint_every": 0,
+                "losses": {"queue_size": 64}},
+    "evaluate": {"batch_size": 64, "examples": 1},
+}
+
+
+def _env() -> dict:
+    env = dict(os.environ)
+    env["PATH"] = f"{BIN}{os.pathsep}{env.get('PATH', '')}"
+    return env
+
+
+def run(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    result = subprocess.run(args, cwd=cwd, env=_env(), capture_output=True, text=True, timeout=900)
+    if check and result.returncode != 0:
+        raise AssertionError(f"{' '.join(args)} failed ({result.returncode}):\n{result.stdout}\n{result.stderr}")
+    return result
+
+
+def dvc(cwd: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    return run([str(BIN / "dvc"), *args], cwd, check)
+
+
+def ran_stages(result: subprocess.CompletedProcess) -> set[str]:
+    text = result.stdout + result.stderr
+    return {line.split("'")[1] for line in text.splitlines() if line.startswith("Running stage '")}
+
+
+def deep_update(tree: dict, changes: dict) -> dict:
+    out = dict(tree)
+    for key, value in changes.items():
+        out[key] = deep_update(out.get(key, {}), value) if isinstance(value, dict) else value
+    return out
+
+
+def set_params(project: Path, changes: dict) -> None:
+    path = project / "params.yaml"
+    path.write_text(yaml.safe_dump(deep_update(yaml.safe_load(path.read_text()), changes), sort_keys=False))
+
+
+def git(project: Path, *args: str) -> None:
+    run(["git", "-c", "user.name=t", "-c", "user.email=t@example.com", *args], project)
+
+
+def make_project(dest: Path) -> Path:
+    """A git repository holding the project's files as they are in the working tree, with tiny settings."""
+    listed = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"], cwd=REPO, capture_output=True, text=True, check=True
+    ).stdout.split("\n")
+    for name in filter(None, listed):
+        source = REPO / name
+        if source.is_file() and not name.startswith(("tests/", "benchmarks/", "docs/")):
+            target = dest / name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.write_bytes(source.read_bytes())
+    run(["git", "init", "-q", "-b", "main"], dest)
+    set_params(dest, TINY)
+    git(dest, "add", "-A")
+    git(dest, "commit", "-qm", "project")
+    return dest
+
+
+def kill_extraction_midway(project: Path) -> int:
+    """Start `dvc repro extract`, SIGKILL it (and the dsmd it runs) once a few shards are done; shards done."""
+    store = project / "data/features.zarr"
+    process = subprocess.Popen(
+        [str(BIN / "dvc"), "repro", "extract"], cwd=project, env=_env(), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    deadline = time.time() + 600
+    while time.time() < deadline and process.poll() is None and len(list(store.glob("**/marks/*.json"))) < 3:
+        time.sleep(0.05)
+    assert process.poll() is None, "extraction finished before it could be killed; make it bigger"
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    return len(list(store.glob("**/marks/*.json")))
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory) -> dict:
+    """A project reproduced once: the stages before extract, a killed extraction, then `dvc repro`."""
+    path = make_project(tmp_path_factory.mktemp("dvc") / "project")
+    before = dvc(path, "repro", "demo_teacher")
+    finished = kill_extraction_midway(path)
+    rest = dvc(path, "repro")
+    return {"path": path, "before": before, "finished_at_kill": finished, "rest": rest}
+
+
+def test_repro_runs_every_stage_then_nothing(project):
+    path = project["path"]
+    assert ran_stages(project["before"]) == {"demo_data", "prepare", "demo_teacher"}
+    assert ran_stages(project["rest"]) == {"extract", "distill", "evaluate"}
+    metrics = yaml.safe_load((path / "runs/evaluate/metrics.json").read_text())
+    assert metrics["teacher_rsum"] > 0 and metrics["student_rsum"] > 0
+    again = dvc(path, "repro")
+    assert ran_stages(again) == set(), again.stdout
+
+
+def test_killed_extraction_resumed_instead_of_restarting(project):
+    text = " ".join((project["rest"].stdout + project["rest"].stderr).split())
+    assert f"{project['finished_at_kill']} were already complete" in text, text
+    run([str(BIN / "dsmd"), "store", "verify", "data/features.zarr", "--dataset", "data/canonical"], project["path"])
+
+
+def test_distill_parameter_reruns_only_distill_and_evaluate(project):
+    path = project["path"]
+    set_params(path, {"distill": {"lr": 5e-4}})
+    result = dvc(path, "repro")
+    assert ran_stages(result) == {"distill", "evaluate"}, result.stdout
+    assert ran_stages(dvc(path, "repro")) == set()
+
+
+def test_teammate_pulls_the_store_and_distils_without_the_teacher(project, tmp_path):
+    path = project["path"]
+    remote = tmp_path / "remote"
+    dvc(path, "remote", "add", "-d", "team", str(remote))
+    git(path, "add", "-A")
+    git(path, "commit", "-qm", "remote and results")
+    dvc(path, "push")
+    clone = tmp_path / "clone"
+    run(["git", "clone", "-q", str(path), str(clone)], tmp_path)
+    dvc(clone, "pull", "demo_data", "prepare", "extract")
+    assert not (clone / "data/teacher").exists()
+    result = dvc(clone, "repro", "--downstream", "distill")
+    assert ran_stages(result) == {"distill", "evaluate"}, result.stdout
+    assert not (clone / "data/teacher").exists()
+    assert (clone / "runs/evaluate/metrics.json").exists()
+
+
+def test_an_ablation_experiment_lands_in_the_comparison_table(project):
+    path = project["path"]
+    dvc(path, "exp", "run", "-S", "distill.losses.cd=false", "-n", "no-cd")
+    run([str(BIN / "dsmd"), "experiments", "--out", "runs/experiments"], path)
+    table = (path / "runs/experiments/experiments.csv").read_text().splitlines()
+    header = table[0].split(",")
+    assert "distill.losses.cd" in header and "student_rsum" in header
+    names = {line.split(",")[0] for line in table[1:]}
+    assert "no-cd" in names and len(table) >= 3  # the experiment next to the workspace / baseline rows

@@ -172,10 +172,16 @@ def _recall_figure(curves: dict[str, dict[str, Sequence[float]]]) -> bytes:
 
 def _train_figure(log: dict[str, np.ndarray]) -> bytes:
     step = log["step"]
+    # The balanced (top-level) losses are the ones with a weight column; their parts (cd_v, hnd_vt, ...) and the
+    # throughput column would bury them.
+    balanced = [n[2:] for n in log if n.startswith("w_") and n[2:] in log]
+    others = [n for n in log if n not in _FIXED_LOG_COLUMNS and not n.startswith(("w_", "a_", "r_"))]
+    losses = [*balanced, "total"] if balanced and "total" in log else [n for n in others if n != "samples_per_s"]
     groups = {
-        "losses (raw)": [n for n in log if n not in _FIXED_LOG_COLUMNS and not n.startswith(("w_", "a_"))],
+        "losses (raw)": losses,
         "balancer weights w": [n for n in log if n.startswith("w_")],
         "magnitude factors a": [n for n in log if n.startswith("a_")],
+        "loss rates r": [n for n in log if n.startswith("r_")],
         "learning rate": [n for n in log if n == "lr"],
     }
     groups = {title: names for title, names in groups.items() if names}
@@ -187,7 +193,7 @@ def _train_figure(log: dict[str, np.ndarray]) -> bytes:
         for name in names:
             values = log[name]
             shown = np.isfinite(values)
-            ax.plot(step[shown], values[shown], label=name.removeprefix("w_").removeprefix("a_"))
+            ax.plot(step[shown], values[shown], label=name.removeprefix("w_").removeprefix("a_").removeprefix("r_"))
         finite = np.concatenate([log[n][np.isfinite(log[n])] for n in names])
         if title in ("losses (raw)", "learning rate") and finite.size and (finite > 0).all():
             ax.set_yscale("log")

@@ -157,7 +157,13 @@ def test_teammate_pulls_the_store_and_distils_without_the_teacher(project, tmp_p
 
 def test_an_ablation_experiment_lands_in_the_comparison_table(project):
     path = project["path"]
-    dvc(path, "exp", "run", "-S", "distill.losses.cd=false", "-n", "no-cd")
+    args = ("exp", "run", "-S", "distill.losses.cd=false", "-n", "no-cd")
+    first = dvc(path, *args, check=False)
+    if first.returncode != 0:
+        # dvc 3.67 now and then fails to commit a finished experiment ("'NoneType' object is not
+        # subscriptable", gone on a rerun); a second failure is a real one.
+        assert "Failed to reproduce experiment" in first.stderr + first.stdout, first.stderr
+        dvc(path, *args)
     run([str(BIN / "dsmd"), "experiments", "--out", "runs/experiments"], path)
     table = (path / "runs/experiments/experiments.csv").read_text().splitlines()
     header = table[0].split(",")

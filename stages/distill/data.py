@@ -68,6 +68,22 @@ class PairRows(Dataset):
         return caption_id, image_id, pixels, self.texts[caption_id]
 
 
+def decoded_items(items: list, rerun: str) -> tuple[list, np.ndarray, np.ndarray]:
+    """The (caption id, image id, pixels, text) items whose image decoded, with their caption and image ids.
+
+    ``rerun`` names the extraction commands to suggest when no image of the batch decodes at all.
+    """
+    items = [item for item in items if item[2] is not None]
+    if not items:
+        raise DsmdError(
+            "every image of a training batch failed to decode; the images changed after extraction: run "
+            f"`dsmd data check`, then {rerun}"
+        )
+    caption_ids = np.array([item[0] for item in items], dtype=np.int64)
+    image_ids = np.array([item[1] for item in items], dtype=np.int64)
+    return items, caption_ids, image_ids
+
+
 class PairCollate:
     """Tokenise the captions and fetch the batch's teacher rows; runs inside the loader workers."""
 
@@ -80,14 +96,7 @@ class PairCollate:
     def __call__(self, items) -> PairBatch:
         if self._reader is None:  # opened once per worker process, never pickled
             self._reader = self.open_reader()
-        items = [item for item in items if item[2] is not None]
-        if not items:
-            raise DsmdError(
-                "every image of a training batch failed to decode; the images changed after extraction: run "
-                "`dsmd data check`, then `dsmd extract`"
-            )
-        caption_ids = np.array([item[0] for item in items], dtype=np.int64)
-        image_ids = np.array([item[1] for item in items], dtype=np.int64)
+        items, caption_ids, image_ids = decoded_items(items, "`dsmd extract`")
         return PairBatch(
             image_ids=torch.from_numpy(image_ids),
             caption_ids=torch.from_numpy(caption_ids),

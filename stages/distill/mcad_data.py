@@ -17,6 +17,7 @@ import torch
 
 from pipeline.config import McadConfig
 from pipeline.errors import DsmdError
+from stages.distill.data import decoded_items
 from stages.distill.mcad import McadRows
 from stages.extract.align import alignment_name, load_alignment
 from store import open_store
@@ -153,14 +154,7 @@ class McadCollate:
         if self._reader is None:  # opened once per worker process, never pickled
             self._reader = self.open_reader()
         reader = self._reader
-        items = [item for item in items if item[2] is not None]
-        if not items:
-            raise DsmdError(
-                "every image of a training batch failed to decode; the images changed after extraction: run "
-                "`dsmd data check`, then `dsmd extract` and `dsmd extract-pairs`"
-            )
-        caption_ids = np.array([item[0] for item in items], dtype=np.int64)
-        image_ids = np.array([item[1] for item in items], dtype=np.int64)
+        items, caption_ids, image_ids = decoded_items(items, "`dsmd extract` and `dsmd extract-pairs`")
         return McadBatch(
             image_ids=torch.from_numpy(image_ids),
             caption_ids=torch.from_numpy(caption_ids),

@@ -120,6 +120,7 @@ def test_repro_runs_every_stage_then_nothing(project):
     assert ran_stages(project["rest"]) == {"extract", "distill", "evaluate"}
     metrics = yaml.safe_load((path / "runs/evaluate/metrics.json").read_text())
     assert metrics["teacher_rsum"] > 0 and metrics["student_rsum"] > 0
+    assert metrics["teacher_parameters"] > 0 and metrics["student_parameters"] > 0
     again = dvc(path, "repro")
     assert ran_stages(again) == set(), again.stdout
 

@@ -165,6 +165,7 @@ class BEiT3Teacher(Teacher):
             "teacher": self.name,
             "kind": "beit3",
             "dim": self.dim,
+            "parameters": sum(p.numel() for p in self.model.parameters()),
             "size": self.size,
             "config": config_dict(cfg),
             "checkpoint": str(self.checkpoint) if self.checkpoint else None,
@@ -297,6 +298,7 @@ class CLIPTeacher(Teacher):
         return {
             "teacher": self.name,
             "kind": "clip",
+            "parameters": sum(p.numel() for p in self.model.parameters()),
             "dim": self.dim,
             "config": self.model.config.to_dict(),
             "checkpoint": str(self.model_dir),

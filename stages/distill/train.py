@@ -31,20 +31,10 @@ from pipeline.errors import DsmdError
 from pipeline.models.student import Student, load_vocab_tokenizer, make_tokenizer, save_student
 from stages.distill.balancer import DynamicBalancer
 from stages.distill.checkpoint import LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from stages.distill.data import EpochBatches, PairCollate, PairRows, usable_pairs
+from stages.distill.data import EpochBatches, PairRows, usable_pairs
 from stages.distill.ddp import Ranks, barrier, gather_plain, gather_with_grad, init_from_torchrun, shutdown
-from stages.distill.losses import DistillationLosses
-from stages.distill.mcad import McadObjective
-from stages.distill.mcad_data import (
-    McadCollate,
-    McadReaderOpener,
-    load_alignments,
-    mcad_provenance,
-    mcad_usable_pairs,
-    open_mcad_reader,
-)
+from stages.distill.methods import method_for
 from stages.evaluate.metrics import retrieval_metrics
-from store import open_store
 
 # Settings that change how a run executes but not what it computes: a checkpoint stays resumable across them.
 # ``epochs`` is one of them: the first N epochs of a longer run are the N epochs of a shorter one (the
@@ -98,27 +88,6 @@ class _Tokenize:
         return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
 
 
-class _OpenReader:
-    """Opens the store inside a loader worker (a reader is opened per process, never shared)."""
-
-    def __init__(self, path: str, fingerprint: str, teacher: str, in_memory: bool):
-        self.args = (path, fingerprint, teacher, in_memory)
-
-    def __call__(self):
-        path, fingerprint, teacher, in_memory = self.args
-        return open_store(path, dataset_fingerprint=fingerprint, teacher=teacher, in_memory=in_memory)
-
-
-class _SameReader:
-    """Without loader workers the collate function runs in the main process: reuse the trainer's reader."""
-
-    def __init__(self, reader):
-        self.reader = reader
-
-    def __call__(self):
-        return self.reader
-
-
 class CsvLog:
     """Append-only CSV. On resume the rows the checkpoint does not cover (``keep`` is False for them) are
     dropped, so the resumed run logs none of them twice; a fresh run (keep None) starts an empty file."""
@@ -146,13 +115,6 @@ class Trainer:
         # The backend follows the device the run will use (nccl for GPUs, also when device is "auto").
         self.ranks = init_from_torchrun(_device_type(dc.device))
         self.device = _device(dc.device, self.ranks)
-        self.mcad = dc.method == "mcad"
-        # MCAD: the first dual teacher defines the student's space (and the one evaluate compares against).
-        if self.mcad and dc.teacher != dc.mcad.teachers[0]:
-            raise DsmdError(
-                f"distill.method=mcad: distill.teacher ({dc.teacher!r}) must be the first of distill.mcad.teachers "
-                f"({dc.mcad.teachers[0]!r}), whose space the student learns"
-            )
         micro = dc.batch_size // dc.grad_accum
         if dc.batch_size % dc.grad_accum or micro % self.ranks.world:
             raise DsmdError(
@@ -164,20 +126,12 @@ class Trainer:
         self.out.mkdir(parents=True, exist_ok=True)
         self.ds = CanonicalDataset.load(cfg.data.canonical_dir)
         # Loader workers open their own reader; the main process needs the rows only when it loads batches.
-        in_memory = dc.load_store_in_ram and dc.loader_workers == 0
-        if self.mcad:
-            self.reader = open_mcad_reader(cfg.extract.store, self.ds.fingerprint, dc.mcad, in_memory=in_memory)
-        else:
-            self.reader = open_store(
-                cfg.extract.store, dataset_fingerprint=self.ds.fingerprint, teacher=dc.teacher, in_memory=in_memory
-            )
+        self.method = method_for(cfg, self.ds, in_memory=dc.load_store_in_ram and dc.loader_workers == 0)
+        self.reader = self.method.reader
         self.dim = self.reader.dim(dc.teacher, "image")
         image_valid = self.reader.valid(dc.teacher, "image")
         text_valid = self.reader.valid(dc.teacher, "text")
-        if self.mcad:
-            self.train_pairs = mcad_usable_pairs(self.ds, "train", self.reader, dc.mcad.teachers, dc.mcad.fused_teacher)
-        else:
-            self.train_pairs = usable_pairs(self.ds, "train", image_valid, text_valid)
+        self.train_pairs = self.method.train_pairs(image_valid, text_valid)
         if len(self.train_pairs) < dc.batch_size:
             raise DsmdError(
                 f"only {len(self.train_pairs)} usable training pairs, fewer than distill.batch_size "
@@ -187,11 +141,7 @@ class Trainer:
         self.val_images = val_images[image_valid[val_images]]
         val_captions = usable_pairs(self.ds, "val", image_valid, text_valid)
         self.val_captions = val_captions
-        if self.mcad:
-            provenance = mcad_provenance(self.reader, dc.mcad, cfg.extract.store, self.ds.fingerprint)
-        else:
-            provenance = self.reader.provenance(dc.teacher, "image").get("teacher", {})
-        self.digest = config_digest(cfg, self.ds.fingerprint, provenance)
+        self.digest = config_digest(cfg, self.ds.fingerprint, self.method.provenance())
 
         torch.manual_seed(dc.seed)
         self.student = Student(cfg.student, self.dim, tokenizer=self._tokenizer()).to(self.device)
@@ -200,11 +150,7 @@ class Trainer:
             if self.ranks.distributed
             else self.student
         )
-        if self.mcad:
-            maps = load_alignments(cfg.extract.store, dc.mcad, self.ds.fingerprint, self.reader)
-            self.losses = McadObjective(dc.mcad, dc.losses, maps, self.dim).to(self.device)
-        else:
-            self.losses = DistillationLosses(dc.losses, self.dim).to(self.device)
+        self.losses = self.method.objective(self.dim).to(self.device)
         self.balancer = DynamicBalancer.from_config(self.losses.names, dc.balancer)
         self.optimizer = torch.optim.AdamW(self.student.parameters(), lr=dc.lr, weight_decay=dc.weight_decay)
         self.scheduler = torch.optim.lr_scheduler.MultiStepLR(self.optimizer, dc.lr_step_epochs, dc.lr_gamma)
@@ -213,7 +159,7 @@ class Trainer:
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
         self.best_rsum, self.best_epoch = -1.0, -1
         resumed = self._maybe_resume(resume)
-        self.value_names = [*self._value_names(), "total"]
+        self.value_names = [*self.method.value_names(self.losses, self.device, self.dim), "total"]
         balancer_columns = [f"{p}_{n}" for p in ("w", "a", "r") for n in self.losses.names]
         # Train rows are keyed by step, validation rows by completed epoch (a checkpoint taken at the last step
         # of an epoch precedes that epoch's validation, which the resumed run does again).
@@ -244,14 +190,6 @@ class Trainer:
         return tokenizer if tokenizer is not None else load_vocab_tokenizer(vocab_dir / "vocab.txt")
 
     # ------------------------------------------------------------------------------------------ state
-
-    def _value_names(self) -> list[str]:
-        if self.mcad:
-            return self.losses.value_names(self.device)
-        probe = torch.nn.functional.normalize(torch.ones(2, self.dim), dim=-1).to(self.device)
-        with torch.no_grad():
-            values = self.losses(probe, probe, probe, probe, torch.arange(2, device=self.device))
-        return list(values)
 
     def _state(self) -> dict:
         return {
@@ -323,16 +261,7 @@ class Trainer:
             group=dc.grad_accum,
         )
         tokenize = _Tokenize(self.student.tokenizer, self.cfg.student.max_text_len)
-        if dc.loader_workers == 0:
-            open_reader = _SameReader(self.reader)
-        elif self.mcad:
-            open_reader = McadReaderOpener(self.cfg.extract.store, self.ds.fingerprint, dc.mcad, dc.load_store_in_ram)
-        else:
-            open_reader = _OpenReader(self.cfg.extract.store, self.ds.fingerprint, dc.teacher, dc.load_store_in_ram)
-        if self.mcad:
-            collate = McadCollate(tokenize, open_reader, dc.mcad.teachers, dc.mcad.fused_teacher)
-        else:
-            collate = PairCollate(tokenize, open_reader, dc.teacher)
+        collate = self.method.collate(tokenize, dc.loader_workers)
         return DataLoader(
             PairRows(self.ds, self.train_pairs, self.student.image_transform(train=True)),
             batch_sampler=sampler,
@@ -372,15 +301,9 @@ class Trainer:
         s_v = gather_with_grad(s_v.float(), self.ranks)
         s_t = gather_with_grad(s_t.float(), self.ranks)
         ids = gather_plain(batch.image_ids.to(dev), self.ranks)
-        if self.mcad:
-            rows = batch.teacher_rows(dev, lambda x: gather_plain(x, self.ranks))
-            values = self.losses(s_v, s_t, rows, ids)
-            teacher = (rows, ids)
-        else:
-            t_v = gather_plain(batch.teacher_image.to(dev).float(), self.ranks)
-            t_t = gather_plain(batch.teacher_text.to(dev).float(), self.ranks)
-            values = self.losses(s_v, s_t, t_v, t_t, ids)
-            teacher = (t_v, t_t, ids)
+        values, teacher = self.method.losses(
+            self.losses, s_v, s_t, batch, dev, ids, lambda x: gather_plain(x, self.ranks)
+        )
         total = self.balancer(self.losses.top_level(values))
         return values, total, teacher
 

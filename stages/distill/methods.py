@@ -1,0 +1,141 @@
+"""The teacher side of a distillation method: which store rows a batch carries and which losses consume them.
+
+The training loop is the same for every method; it asks its method for the store reader, the usable training
+pairs, the provenance that keys checkpoints, the objective (losses with ``names``, ``top_level`` and
+``enqueue``), the collate function for loader workers and, per batch, the losses on the gathered teacher rows.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import numpy as np
+import torch
+
+from pipeline.config import Config
+from pipeline.data.canonical import CanonicalDataset
+from pipeline.errors import DsmdError
+from stages.distill.data import PairCollate, usable_pairs
+from stages.distill.losses import DistillationLosses
+from stages.distill.mcad import McadObjective
+from stages.distill.mcad_data import (
+    McadCollate,
+    McadReaderOpener,
+    load_alignments,
+    mcad_provenance,
+    mcad_usable_pairs,
+    open_mcad_reader,
+)
+from store import open_store
+
+Gather = Callable[[torch.Tensor], torch.Tensor]
+
+
+class _OpenReader:
+    """Opens the store inside a loader worker (a reader is opened per process, never shared)."""
+
+    def __init__(self, path: str, fingerprint: str, teacher: str, in_memory: bool):
+        self.args = (path, fingerprint, teacher, in_memory)
+
+    def __call__(self):
+        path, fingerprint, teacher, in_memory = self.args
+        return open_store(path, dataset_fingerprint=fingerprint, teacher=teacher, in_memory=in_memory)
+
+
+class _SameReader:
+    """Without loader workers the collate function runs in the main process: reuse the trainer's reader."""
+
+    def __init__(self, reader):
+        self.reader = reader
+
+    def __call__(self):
+        return self.reader
+
+
+class DsmdMethod:
+    """One teacher's image and text rows; the four DSMD losses."""
+
+    def __init__(self, cfg: Config, ds: CanonicalDataset, in_memory: bool):
+        self.cfg, self.ds = cfg, ds
+        self.teacher = cfg.distill.teacher
+        self.reader = self._open_reader(in_memory)
+
+    def _open_reader(self, in_memory: bool):
+        return open_store(
+            self.cfg.extract.store, dataset_fingerprint=self.ds.fingerprint, teacher=self.teacher, in_memory=in_memory
+        )
+
+    def train_pairs(self, image_valid: np.ndarray, text_valid: np.ndarray) -> np.ndarray:
+        return usable_pairs(self.ds, "train", image_valid, text_valid)
+
+    def provenance(self) -> dict:
+        return self.reader.provenance(self.teacher, "image").get("teacher", {})
+
+    def objective(self, dim: int) -> torch.nn.Module:
+        return DistillationLosses(self.cfg.distill.losses, dim)
+
+    def value_names(self, objective, device: torch.device, dim: int) -> list[str]:
+        probe = torch.nn.functional.normalize(torch.ones(2, dim), dim=-1).to(device)
+        with torch.no_grad():
+            return list(objective(probe, probe, probe, probe, torch.arange(2, device=device)))
+
+    def _worker_reader(self):
+        dc = self.cfg.distill
+        return _OpenReader(self.cfg.extract.store, self.ds.fingerprint, self.teacher, dc.load_store_in_ram)
+
+    def collate(self, tokenize: Callable, workers: int):
+        open_reader = self._worker_reader() if workers > 0 else _SameReader(self.reader)
+        return PairCollate(tokenize, open_reader, self.teacher)
+
+    def losses(self, objective, s_v, s_t, batch, device: torch.device, ids: torch.Tensor, gather: Gather):
+        """(named loss values, what ``objective.enqueue`` takes after the step)."""
+        t_v = gather(batch.teacher_image.to(device).float())
+        t_t = gather(batch.teacher_text.to(device).float())
+        return objective(s_v, s_t, t_v, t_t, ids), (t_v, t_t, ids)
+
+
+class McadMethod(DsmdMethod):
+    """Several dual teachers plus the fused pair rows, mapped into the first teacher's space (METHOD.md, MCAD)."""
+
+    def __init__(self, cfg: Config, ds: CanonicalDataset, in_memory: bool):
+        mcad = cfg.distill.mcad
+        # The first dual teacher defines the student's space (and the one evaluate compares against).
+        if cfg.distill.teacher != mcad.teachers[0]:
+            raise DsmdError(
+                f"distill.method=mcad: distill.teacher ({cfg.distill.teacher!r}) must be the first of "
+                f"distill.mcad.teachers ({mcad.teachers[0]!r}), whose space the student learns"
+            )
+        self.mcad = mcad
+        super().__init__(cfg, ds, in_memory)
+
+    def _open_reader(self, in_memory: bool):
+        return open_mcad_reader(self.cfg.extract.store, self.ds.fingerprint, self.mcad, in_memory=in_memory)
+
+    def train_pairs(self, image_valid: np.ndarray, text_valid: np.ndarray) -> np.ndarray:
+        return mcad_usable_pairs(self.ds, "train", self.reader, self.mcad.teachers, self.mcad.fused_teacher)
+
+    def provenance(self) -> dict:
+        return mcad_provenance(self.reader, self.mcad, self.cfg.extract.store, self.ds.fingerprint)
+
+    def objective(self, dim: int) -> torch.nn.Module:
+        maps = load_alignments(self.cfg.extract.store, self.mcad, self.ds.fingerprint, self.reader)
+        return McadObjective(self.mcad, self.cfg.distill.losses, maps, dim)
+
+    def value_names(self, objective, device: torch.device, dim: int) -> list[str]:
+        return objective.value_names(device)
+
+    def _worker_reader(self):
+        store, fingerprint = self.cfg.extract.store, self.ds.fingerprint
+        return McadReaderOpener(store, fingerprint, self.mcad, self.cfg.distill.load_store_in_ram)
+
+    def collate(self, tokenize: Callable, workers: int):
+        open_reader = self._worker_reader() if workers > 0 else _SameReader(self.reader)
+        return McadCollate(tokenize, open_reader, self.mcad.teachers, self.mcad.fused_teacher)
+
+    def losses(self, objective, s_v, s_t, batch, device: torch.device, ids: torch.Tensor, gather: Gather):
+        rows = batch.teacher_rows(device, gather)
+        return objective(s_v, s_t, rows, ids), (rows, ids)
+
+
+def method_for(cfg: Config, ds: CanonicalDataset, in_memory: bool) -> DsmdMethod:
+    return {"dsmd": DsmdMethod, "mcad": McadMethod}[cfg.distill.method](cfg, ds, in_memory)

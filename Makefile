@@ -33,4 +33,9 @@ lint: $(STAMP)
 	$(BIN)/ruff check pipeline stages store tests benchmarks
 
 bench: $(STAMP)
-	$(BIN)/python benchmarks/run_all.py
+	$(BIN)/python benchmarks/store_throughput.py --rows 50000
+	$(BIN)/python benchmarks/extract_throughput.py
+	$(BIN)/python benchmarks/extract_end_to_end.py
+	$(BIN)/python benchmarks/distill_throughput.py
+	$(BIN)/python benchmarks/evaluate.py
+	$(BIN)/python benchmarks/deploy.py --quick

@@ -54,3 +54,13 @@ def get_config(ctx: typer.Context) -> Config:
         obj["config"] = load_config(obj.get("params", "params.yaml"), obj.get("overrides", []))
         root.obj = obj
     return obj["config"]
+
+
+def config_with(ctx: typer.Context, flags: dict[str, object]) -> Config:
+    """The configuration with a command's own options applied on top, as if given with --set; options left
+    at None keep the configured value. Checked like every other override."""
+    extra = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    if not extra:
+        return get_config(ctx)
+    root = ctx.find_root().obj
+    return load_config(root["params"], [*root["overrides"], *extra])

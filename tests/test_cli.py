@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import pytest
+import typer
 from typer.testing import CliRunner
 
 from pipeline.cli import app
@@ -63,3 +64,25 @@ def test_error_text_is_not_read_as_markup(tmp_path):
     result = run_dsmd("--set", "distill.x[red]y=1", "config", cwd=tmp_path)
     assert result.returncode == 2
     assert "x[red]y" in result.stderr
+
+
+def test_command_options_apply_as_overrides(tmp_path):
+    (tmp_path / "params.yaml").write_text("extract:\n  image_batch_size: 8\n")
+    captured = {}
+
+    @app.command("probe-config-with", hidden=True)
+    def probe(ctx: typer.Context, size: int = typer.Option(None)) -> None:
+        from pipeline.console import config_with
+
+        captured["cfg"] = config_with(ctx, {"extract.image_batch_size": size, "extract.device": None})
+
+    try:
+        runner = CliRunner()
+        assert runner.invoke(app, ["-p", str(tmp_path / "params.yaml"), "probe-config-with"]).exit_code == 0
+        assert captured["cfg"].extract.image_batch_size == 8
+        result = runner.invoke(app, ["-p", str(tmp_path / "params.yaml"), "-S", "extract.device=cpu",
+                                     "probe-config-with", "--size", "3"])
+        assert result.exit_code == 0, result.output
+        assert captured["cfg"].extract.image_batch_size == 3 and captured["cfg"].extract.device == "cpu"
+    finally:
+        app.registered_commands[:] = [c for c in app.registered_commands if c.name != "probe-config-with"]

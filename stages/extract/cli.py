@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from pipeline.console import get_config
+from pipeline.console import config_with
 
 
 def register(app: typer.Typer) -> None:
@@ -24,10 +24,8 @@ def register(app: typer.Typer) -> None:
         ),
     ) -> None:
         """Run the teacher over the dataset and fill the feature store (resumes where a killed run stopped)."""
-        from pipeline.config import load_config
         from stages.extract.run import run_extract
 
-        cfg = get_config(ctx)
         flags = {
             "extract.device": device,
             "extract.image_batch_size": image_batch_size,
@@ -38,8 +36,5 @@ def register(app: typer.Typer) -> None:
             "extract.dask_workers": dask_workers,
             "extract.dask_scheduler": scheduler,
         }
-        extra = [f"{key}={value}" for key, value in flags.items() if value is not None]
-        if extra:
-            root = ctx.find_root().obj
-            cfg = load_config(root["params"], [*root["overrides"], *extra])
+        cfg = config_with(ctx, flags)
         run_extract(cfg, replace_stale=replace_stale)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import typer
 
-from pipeline.console import console, get_config
+from pipeline.console import config_with, console
 
 
 def register(app: typer.Typer) -> None:
@@ -21,18 +21,13 @@ def register(app: typer.Typer) -> None:
     ) -> None:
         """Encode every training (image, caption) pair jointly with the teacher into <teacher>/pair, then fit
         the linear maps into the dual teachers' spaces (resumes where a killed run stopped)."""
-        from pipeline.config import load_config
 
-        cfg = get_config(ctx)
         flags = {
             "extract.device": device,
             "extract.image_batch_size": batch_size,
             "extract.loader_workers": workers,
         }
-        extra = [f"{key}={value}" for key, value in flags.items() if value is not None]
-        if extra:
-            root = ctx.find_root().obj
-            cfg = load_config(root["params"], [*root["overrides"], *extra])
+        cfg = config_with(ctx, flags)
         if if_mcad and cfg.distill.method != "mcad":
             console.print(f"extract-pairs: distill.method is {cfg.distill.method}, nothing to do")
             return

@@ -16,9 +16,11 @@ $(STAMP): pyproject.toml
 
 setup: $(STAMP)
 
+# dvc.yaml's commands call `dsmd`: put the environment's bin first on PATH for them.
 demo: $(STAMP)
-	$(BIN)/dvc repro
+	PATH="$(abspath $(BIN)):$$PATH" $(BIN)/dvc repro
 	$(BIN)/dvc metrics show
+	@echo "report: runs/evaluate/report.html"
 
 # The report test renders HTML in headless Chromium: install it from Debian when missing (root, as in CI).
 browser:

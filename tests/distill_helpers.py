@@ -152,16 +152,6 @@ def world(tmp_path_factory) -> World:
     return build_world(root)
 
 
-@pytest.fixture
-def one_thread():
-    """One intra-op thread: on a small shared machine several spinning OpenMP threads per process make a tiny
-    model many times slower (and the subprocess runs use one thread too, so in-process results compare)."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def subprocess_env() -> dict:

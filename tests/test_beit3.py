@@ -40,17 +40,13 @@ from pipeline.models.beit3_tokenizer import BEiT3Tokenizer
 from pipeline.models.transforms import beit3_image_transform
 
 FIXTURE = BEIT3_FIXTURE
-pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason="beit3-tiny fixture not found")
+pytestmark = [
+    pytest.mark.skipif(not FIXTURE.is_dir(), reason="beit3-tiny fixture not found"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices gain nothing from threads, and on a busy machine spinning OpenMP threads cost 10x.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")

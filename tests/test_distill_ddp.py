@@ -30,7 +30,6 @@ from stages.distill.losses import DistillationLosses
 from stages.distill.train import Trainer
 
 world = distill_helpers.world
-one_thread = distill_helpers.one_thread
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

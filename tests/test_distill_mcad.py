@@ -15,7 +15,6 @@ from stages.distill.train import Trainer
 from stages.extract.pairs import extract_pairs
 
 world = distill_helpers.world
-one_thread = distill_helpers.one_thread
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 

@@ -20,7 +20,6 @@ from distill_helpers import dsmd_command, final_weights, load, read_csv, subproc
 from stages.distill.train import Trainer
 
 world = distill_helpers.world
-one_thread = distill_helpers.one_thread
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 EPOCHS, STEPS_PER_EPOCH, EVERY = 2, 15, 4

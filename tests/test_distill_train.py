@@ -16,7 +16,6 @@ from stages.distill.train import Trainer
 
 # Fixtures shared by the distill test modules.
 world = distill_helpers.world
-one_thread = distill_helpers.one_thread
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 LOSSES = ("cd", "fd", "sd", "hnd")

@@ -38,16 +38,13 @@ from stages.extract.pairs import extract_pairs
 from store import FeatureStore, open_store
 from store.extras import get_extra
 
-pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason="beit3-tiny fixture not found")
+pytestmark = [
+    pytest.mark.skipif(not FIXTURE.is_dir(), reason="beit3-tiny fixture not found"),
+    pytest.mark.usefixtures("one_thread"),
+]
 DUAL_DIM = 8
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 def make_config(tmp_path: Path) -> Config:

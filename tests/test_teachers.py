@@ -30,14 +30,9 @@ def fixture_teacher_cfg(**changes) -> TeacherConfig:
 
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices gain nothing from threads, and on a busy machine spinning OpenMP threads cost 10x.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
+
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def expected() -> dict[str, np.ndarray]:

@@ -18,15 +18,7 @@ from pipeline.models.beit3 import read_checkpoint, read_config_json
 from pipeline.models.demo_teacher import encode_split, fit_demo_teacher
 from pipeline.models.teachers import BEiT3Teacher, load_teacher
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    # Tiny matrices gain nothing from threads, and on a busy machine spinning OpenMP threads cost 10x.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 @pytest.fixture(scope="module")
 def canonical(tmp_path_factory) -> Path:

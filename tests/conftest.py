@@ -1,0 +1,15 @@
+"""Fixtures shared by the test modules that opt in with ``pytest.mark.usefixtures``."""
+
+import pytest
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op torch thread: on a small shared machine several spinning OpenMP threads per process make a
+    tiny model many times slower (and subprocess runs use one thread too, so in-process results compare)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

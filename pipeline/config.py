@@ -66,6 +66,20 @@ class TeacherConfig:
 
 
 @dataclass
+class DemoSecondTeacherConfig:
+    """The demo's second dual-stream teacher, for MCAD's teacher mix: fitted like the first on the same data,
+    smaller and from another seed. It is written where the extra_teachers entry of the same name points; an
+    empty name fits none."""
+
+    name: str = ""
+    embed_dim: int = 96
+    layers: int = 2
+    heads: int = 4
+    ffn_dim: int = 192
+    seed: int = 1
+
+
+@dataclass
 class DemoTeacherConfig:
     """Fitting the small BEiT-3 that stands in for the official checkpoints in the demo."""
 
@@ -81,6 +95,7 @@ class DemoTeacherConfig:
     batch_size: int = 128
     lr: float = 1e-3
     seed: int = 0
+    second: DemoSecondTeacherConfig = field(default_factory=DemoSecondTeacherConfig)
 
 
 @dataclass
@@ -204,6 +219,9 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     demo: DemoConfig = field(default_factory=DemoConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # More dual-stream teachers that `dsmd extract` runs into the same store after `teacher` (MCAD mixes them:
+    # distill.mcad.teachers names them). Each needs its own name.
+    extra_teachers: list[TeacherConfig] = field(default_factory=list)
     demo_teacher: DemoTeacherConfig = field(default_factory=DemoTeacherConfig)
     extract: ExtractConfig = field(default_factory=ExtractConfig)
     student: StudentConfig = field(default_factory=StudentConfig)

@@ -21,7 +21,7 @@ BIN = Path(sys.executable).parent
 TINY = {
     "demo": {"n_train": 100, "n_val": 20, "n_test": 20, "image_size": 32},
     "demo_teacher": {"embed_dim": 32, "layers": 1, "heads": 2, "ffn_dim": 64, "vocab_size": 120, "epochs": 1,
-                     "batch_size": 40},
+                     "batch_size": 40, "second": {"embed_dim": 32, "layers": 1, "heads": 2, "ffn_dim": 64}},
     "teacher": {"img_size": 32, "max_text_len": 24},
     "extract": {"rows_per_shard": 16, "rows_per_chunk": 16, "loader_workers": 0, "device": "cpu"},
     "student": {"vision_model": "test_vit", "img_size": 32, "patch_size": 8, "text_hidden": 32, "text_layers": 1,

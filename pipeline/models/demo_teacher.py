@@ -17,7 +17,7 @@ import json
 import math
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +44,7 @@ __all__ = [
     "demo_model_config",
     "load_split_pixels",
     "fit_demo_teacher",
+    "second_teacher_config",
     "encode_split",
     "write_fit_report",
 ]
@@ -159,6 +160,24 @@ def _check_outputs(teacher: TeacherConfig) -> tuple[Path, Path, Path]:
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
     return paths
+
+
+def second_teacher_config(cfg: Config) -> Config | None:
+    """The settings that fit the demo's second teacher (demo_teacher.second) as the first is fitted: its
+    architecture and seed, written where the extra_teachers entry of its name points. None when there is none."""
+    second = cfg.demo_teacher.second
+    if not second.name:
+        return None
+    matches = [t for t in cfg.extra_teachers if t.name == second.name]
+    if not matches:
+        known = ", ".join(t.name for t in cfg.extra_teachers) or "none"
+        raise DsmdError(
+            f"demo_teacher.second.name is {second.name!r} but no extra_teachers entry has that name (known: "
+            f"{known}); add one with the paths to write, or set demo_teacher.second.name to ''"
+        )
+    demo = replace(cfg.demo_teacher, embed_dim=second.embed_dim, layers=second.layers, heads=second.heads,
+                   ffn_dim=second.ffn_dim, seed=second.seed)
+    return replace(cfg, teacher=matches[0], demo_teacher=demo)
 
 
 def fit_demo_teacher(

@@ -23,8 +23,9 @@ def register(app: typer.Typer) -> None:
             False, "--replace-stale", help="Delete and rebuild a store made for another dataset or teacher setup."
         ),
     ) -> None:
-        """Run the teacher over the dataset and fill the feature store (resumes where a killed run stopped)."""
-        from stages.extract.run import run_extract
+        """Run the teacher (and extra_teachers) over the dataset and fill the feature store (resumes where a
+        killed run stopped)."""
+        from stages.extract.run import run_extract_all
 
         flags = {
             "extract.device": device,
@@ -37,4 +38,4 @@ def register(app: typer.Typer) -> None:
             "extract.dask_scheduler": scheduler,
         }
         cfg = config_with(ctx, flags)
-        run_extract(cfg, replace_stale=replace_stale)
+        run_extract_all(cfg, replace_stale=replace_stale)

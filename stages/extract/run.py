@@ -9,7 +9,7 @@ from __future__ import annotations
 import shutil
 import time
 from collections import Counter
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from rich.markup import escape
@@ -53,6 +53,7 @@ class ExtractSummary:
     fill_seconds: float = 0.0  # encoding and writing shards (the slowest worker's), without loading
     workers: int = 1
     notes: list[str] = field(default_factory=list)
+    replaced_store: bool = False  # --replace-stale deleted a store made for other settings first
 
 
 def _check_ready(cfg: Config) -> None:
@@ -97,9 +98,31 @@ def run_extract(cfg: Config, *, replace_stale: bool = False) -> ExtractSummary:
         console.print(f"--replace-stale: deleting {cfg.extract.store} and starting over", highlight=False)
         _remove_store(Path(cfg.extract.store))
         summary = run(cfg)
+        summary.replaced_store = True
     summary.seconds = time.perf_counter() - started
     _print_summary(summary)
     return summary
+
+
+def run_extract_all(cfg: Config, *, replace_stale: bool = False) -> list[ExtractSummary]:
+    """`teacher`, then every extra_teachers entry, into the one store (each resumes on its own)."""
+    teachers = [cfg.teacher, *cfg.extra_teachers]
+    names = [t.name for t in teachers]
+    repeated = sorted({n for n in names if names.count(n) > 1})
+    if repeated:
+        raise DsmdError(
+            f"teacher name {repeated[0]!r} is used twice (teacher.name and extra_teachers[].name): each teacher "
+            "needs its own name in the store"
+        )
+    summaries: list[ExtractSummary] = []
+    for teacher in teachers:
+        summary = run_extract(replace(cfg, teacher=teacher), replace_stale=replace_stale)
+        if summary.replaced_store and summaries:
+            # The rebuilt store lost the teachers extracted before this one: fill them again.
+            console.print("the store was rebuilt: extracting the earlier teachers again", highlight=False)
+            return run_extract_all(cfg)
+        summaries.append(summary)
+    return summaries
 
 
 def _start_summary(cfg: Config, store: FeatureStore, tasks: list[ShardTask], workers: int) -> ExtractSummary:

@@ -212,6 +212,9 @@ class EvaluateConfig:
     batch_size: int = 256
     device: str = "auto"
     examples: int = 4
+    # The experiments table that the report shows (written by `dsmd experiments`, kept in git; a dependency of
+    # the DVC evaluate stage, so it must exist there).
+    ablations: str = "results/ablations.json"
 
 
 @dataclass

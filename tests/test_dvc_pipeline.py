@@ -156,18 +156,38 @@ def test_teammate_pulls_the_store_and_distils_without_the_teacher(project, tmp_p
     assert (clone / "runs/evaluate/metrics.json").exists()
 
 
-def test_an_ablation_experiment_lands_in_the_comparison_table(project):
+def exp_run(path: Path, *args: str) -> subprocess.CompletedProcess:
+    first = dvc(path, "exp", "run", *args, check=False)
+    if first.returncode == 0:
+        return first
+    # dvc 3.67 now and then fails to commit a finished experiment ("'NoneType' object is not subscriptable",
+    # gone on a rerun); a second failure is a real one.
+    assert "Failed to reproduce experiment" in first.stderr + first.stdout, first.stderr
+    return dvc(path, "exp", "run", *args)
+
+
+def test_ablation_and_mcad_experiments_land_in_the_report(project):
     path = project["path"]
-    args = ("exp", "run", "-S", "distill.losses.cd=false", "-n", "no-cd")
-    first = dvc(path, *args, check=False)
-    if first.returncode != 0:
-        # dvc 3.67 now and then fails to commit a finished experiment ("'NoneType' object is not
-        # subscriptable", gone on a rerun); a second failure is a real one.
-        assert "Failed to reproduce experiment" in first.stderr + first.stdout, first.stderr
-        dvc(path, *args)
+    exp_run(path, "-S", "distill.losses.cd=false", "-n", "no-cd")
+    # The workspace now holds the no-cd settings: the MCAD run puts cd back, so it differs in the method only.
+    mcad = exp_run(path, "-S", "distill.losses.cd=true", "-S", "distill.method=mcad", "-n", "mcad")
+    assert {"extract", "distill", "evaluate"} <= ran_stages(mcad), mcad.stdout
+    text = " ".join((mcad.stdout + mcad.stderr).split())
+    assert "beit3/pair -> beit3: fitted" in text and "beit3/pair -> beit3_small: fitted" in text, text
+
     run([str(BIN / "dsmd"), "experiments", "--out", "runs/experiments"], path)
     table = (path / "runs/experiments/experiments.csv").read_text().splitlines()
     header = table[0].split(",")
-    assert "distill.losses.cd" in header and "student_rsum" in header
-    names = {line.split(",")[0] for line in table[1:]}
-    assert "no-cd" in names and len(table) >= 3  # the experiment next to the workspace / baseline rows
+    assert {"distill.losses.cd", "distill.method", "student_rsum"} <= set(header)
+    rows = {line.split(",")[0]: dict(zip(header, line.split(","), strict=True)) for line in table[1:]}
+    assert {"no-cd", "mcad"} <= set(rows) and len(rows) >= 3  # the experiments next to the baseline
+    assert rows["mcad"]["distill.method"] == "mcad" and float(rows["mcad"]["student_rsum"]) > 0
+
+    # The saved table is the evaluate stage's dependency: only evaluate reruns, and the report shows it.
+    result = dvc(path, "repro")
+    assert ran_stages(result) == {"evaluate"}, result.stdout
+    report = (path / "runs/evaluate/report.md").read_text()
+    assert "## Ablations and other experiments" in report
+    assert "| no-cd | False | dsmd |" in report and "| mcad | True | mcad |" in report
+    metrics = yaml.safe_load((path / "runs/evaluate/metrics.json").read_text())
+    assert metrics["teacher_beit3_small_rsum"] > 0  # the second teacher, scored next to the first

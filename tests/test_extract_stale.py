@@ -44,3 +44,44 @@ def test_store_of_another_dataset_is_replaced(tmp_path):
     run_extract(other, replace_stale=True)
     with open_store(other.extract.store) as reader:
         assert reader.shape(TEACHER, "image")[0] == 10
+
+
+def _with_extra_teacher(cfg, name: str, **changes):
+    extra = dataclasses.replace(cfg.teacher, name=name, **changes)
+    return dataclasses.replace(cfg, extra_teachers=[extra])
+
+
+def test_extra_teachers_fill_the_same_store_and_a_stale_one_rebuilds_it_whole(tmp_path):
+    from stages.extract.run import run_extract_all
+
+    world = build_world(tmp_path / "world", n_train=4, n_val=0, n_test=4)
+    cfg = _with_extra_teacher(config(world, tmp_path / "run"), "second")
+    first = run_extract_all(cfg)
+    assert [s.teacher for s in first] == [TEACHER, "second"] and all(s.shards_written > 0 for s in first)
+    with open_store(cfg.extract.store) as reader:
+        assert sorted(reader.teachers()) == sorted([TEACHER, "second"])
+        # The same checkpoint under two names: the same rows.
+        for kind in ("image", "text"):
+            n = reader.shape(TEACHER, kind)[0]
+            np.testing.assert_array_equal(reader.get(TEACHER, kind, np.arange(n), dtype=None),
+                                          reader.get("second", kind, np.arange(n), dtype=None))
+    assert all(s.shards_written == 0 for s in run_extract_all(cfg))
+
+    shorter = _with_extra_teacher(cfg, "second", max_text_len=12)  # another setup of the second teacher
+    with pytest.raises(StoreMismatchError, match="second/"):
+        run_extract_all(shorter)
+    rebuilt = run_extract_all(shorter, replace_stale=True)
+    # The rebuild deleted the first teacher's arrays too, so they were filled again.
+    assert [s.teacher for s in rebuilt][-2:] == [TEACHER, "second"]
+    with open_store(cfg.extract.store) as reader:
+        assert all(reader.complete(t, k) for t in (TEACHER, "second") for k in ("image", "text"))
+
+
+def test_a_teacher_name_used_twice_is_refused(tmp_path):
+    from pipeline.errors import DsmdError
+    from stages.extract.run import run_extract_all
+
+    world = build_world(tmp_path / "world", n_train=4, n_val=0, n_test=4)
+    cfg = _with_extra_teacher(config(world, tmp_path / "run"), TEACHER)
+    with pytest.raises(DsmdError, match="used twice"):
+        run_extract_all(cfg)

@@ -102,3 +102,31 @@ def test_cli_fit_demo_reports_recall_and_chance(tmp_path, canonical):
     result = CliRunner().invoke(app, [*args, "teacher", "info"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["checkpoint_sha256"]
+
+
+def _second_overrides(out: Path, name: str = "small") -> list[str]:
+    entry = (f"{{kind: beit3, name: {name}, checkpoint: {out}/s.pth, size: {out}/s.json, tokenizer: {out}/s.spm, "
+             "img_size: 32, max_text_len: 24}")
+    return [f"extra_teachers=[{entry}]", "demo_teacher.second.name=small", "demo_teacher.second.embed_dim=24",
+            "demo_teacher.second.layers=1", "demo_teacher.second.heads=2", "demo_teacher.second.ffn_dim=32",
+            "demo_teacher.second.seed=5"]
+
+
+def test_second_teacher_is_fitted_with_its_own_size_and_seed(tmp_path, canonical):
+    from pipeline.models.demo_teacher import second_teacher_config
+
+    cfg = load_config(None, [*tiny_overrides(canonical, tmp_path), *_second_overrides(tmp_path)])
+    second = second_teacher_config(cfg)
+    assert second.teacher.name == "small" and second.teacher.checkpoint == f"{tmp_path}/s.pth"
+    assert (second.demo_teacher.embed_dim, second.demo_teacher.seed) == (24, 5)
+    # Everything else is fitted as the first is.
+    assert (second.demo_teacher.epochs, second.demo_teacher.lr) == (cfg.demo_teacher.epochs, cfg.demo_teacher.lr)
+    fit_demo_teacher(second, CanonicalDataset.load(canonical))
+    assert read_config_json(tmp_path / "s.json").embed_dim == 24
+    assert load_teacher(second.teacher, device="cpu").dim == 24
+    assert not (tmp_path / "t.pth").exists()  # the first teacher's files are not touched
+
+    assert second_teacher_config(load_config(None, tiny_overrides(canonical, tmp_path))) is None
+    unmatched = load_config(None, [*tiny_overrides(canonical, tmp_path), *_second_overrides(tmp_path, "other")])
+    with pytest.raises(DsmdError, match="no extra_teachers entry has that name"):
+        second_teacher_config(unmatched)

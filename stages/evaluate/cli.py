@@ -21,11 +21,14 @@ def register(app: typer.Typer) -> None:
     def experiments(
         ctx: typer.Context,
         out: Path = typer.Option(Path("runs/experiments"), "--out", help="Where the table files go."),
+        for_report: bool = typer.Option(
+            True, "--for-report/--no-report", help="Also save it at evaluate.ablations for the evaluation report."
+        ),
     ) -> None:
         """Gather the finished DVC experiments (e.g. the ablations) into one comparison table."""
         from rich.table import Table
 
-        from stages.evaluate.experiments import METRICS, collect, write_table
+        from stages.evaluate.experiments import METRICS, collect, save_for_report, write_table
 
         varying, rows = collect(".")
         paths = write_table(out, varying, rows)
@@ -37,6 +40,10 @@ def register(app: typer.Typer) -> None:
                             for c in ["experiment", *varying, *METRICS]))
         console.print(table)
         console.print(f"{len(rows)} experiment(s): {paths['md']}, {paths['html']}, {paths['csv']}")
+        target = get_config(ctx).evaluate.ablations
+        if for_report and target:
+            save_for_report(Path(target), varying, rows)
+            console.print(f"saved for the report: {target} (`dvc repro` reruns evaluate with it)", highlight=False)
 
     @app.command("search")
     def search(

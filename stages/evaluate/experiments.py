@@ -1,14 +1,19 @@
 """`dsmd experiments`: the finished DVC experiments (e.g. the ablation grid) in one comparison table.
 
-Rows come from DVC itself (dvc.api.exp_show): the workspace, the baseline commit and every experiment with
-metrics. Columns are the parameters that differ between those rows, then the student's recalls, RSUM, the
-teacher's RSUM and the student/teacher ratio.
+Rows come from DVC itself (dvc.api.exp_show): the baseline commit and every experiment with metrics (the
+workspace too, when its results differ from the baseline's). Columns are the parameters that differ between
+those rows, then the student's recalls, RSUM, the teacher's RSUM and the student/teacher ratio.
+
+The table is also saved as JSON at evaluate.ablations (a file kept in git, a dependency of the evaluate stage),
+from which the evaluation report renders its ablation section: gathering new experiments reruns only evaluate.
 """
 
 from __future__ import annotations
 
 import csv
 import html
+import json
+import time
 from pathlib import Path
 
 from pipeline.errors import DsmdError
@@ -33,8 +38,68 @@ def collect(repo: str = ".") -> tuple[list[str], list[dict]]:
     table = []
     for row in rows:
         name = row.get("Experiment") or row.get("rev") or "?"
-        table.append({"experiment": name, **{k: row.get(k) for k in varying}, **{m: row.get(m) for m in METRICS}})
-    return varying, table
+        table.append({"experiment": name, "rev": row.get("rev"), "created": row.get("Created"),
+                      **{k: row.get(k) for k in varying}, **{m: row.get(m) for m in METRICS}})
+    return varying, _without_unchanged_workspace(varying, table)
+
+
+def _without_unchanged_workspace(varying: list[str], table: list[dict]) -> list[dict]:
+    """The workspace row repeats the baseline's when nothing was changed since: keep it only when it differs."""
+    if len(table) < 2 or table[0]["experiment"] != "workspace":
+        return table
+    keys = [*varying, *METRICS]
+    same = any(all(row.get(k) == table[0].get(k) for k in keys) for row in table[1:])
+    return table[1:] if same else table
+
+
+def save_for_report(path: Path, varying: list[str], rows: list[dict]) -> Path:
+    """The table as the evaluate stage's report reads it (evaluate.ablations)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    document = {
+        "gathered": time.strftime("%Y-%m-%d %H:%M %Z"),
+        "varying": varying,
+        "metrics": METRICS,
+        "rows": rows,
+    }
+    path.write_text(json.dumps(document, indent=1) + "\n")
+    return path
+
+
+def load_saved(path: str | Path) -> dict | None:
+    """The saved table, or None when evaluate.ablations is empty or names no file."""
+    if not path or not Path(path).is_file():
+        return None
+    try:
+        document = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as exc:
+        raise DsmdError(f"{path}: not valid JSON ({exc}); regenerate it with `dsmd experiments`") from None
+    if not isinstance(document, dict) or not isinstance(document.get("rows"), list):
+        raise DsmdError(f"{path}: not an experiments table (no rows list); regenerate it with `dsmd experiments`")
+    return document
+
+
+def report_section(document: dict | None, source: str) -> tuple[list[str], list[str]]:
+    """(Markdown lines, HTML parts) of the report's experiments section."""
+    title = "Ablations and other experiments (DVC experiments)"
+    if document is None or not document["rows"]:
+        text = ("No experiments gathered yet: queue the ablation grid with `dvc exp run --queue` (README, "
+                f"Experiments), then `dsmd experiments` writes {source} and `dvc repro` puts it here.")
+        return [f"## {title}", "", text, ""], [f"<h2>{html.escape(title)}</h2>", f"<p>{html.escape(text)}</p>"]
+    varying, metrics = document.get("varying", []), document.get("metrics", METRICS)
+    header = ["experiment", *varying, *metrics]
+    cells = [[_cell(row.get(h)) for h in header] for row in document["rows"]]
+    text = (f"{len(cells)} runs, each a real `dvc exp run` of this pipeline, gathered by `dsmd experiments` on "
+            f"{document.get('gathered', '?')} into {source}. Columns: the parameters that differ between the runs, "
+            "then test-split metrics (RSUM and recall in percent; ratio = student RSUM / teacher RSUM).")
+    md_rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    md_rows += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
+    return (
+        [f"## {title}", "", text, "", *md_rows, ""],
+        [f"<h2>{html.escape(title)}</h2>", f"<p>{html.escape(text)}</p>",
+         f'<table class="experiments" id="experiments"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'],
+    )
 
 
 def _cell(value) -> str:
@@ -46,6 +111,7 @@ def _cell(value) -> str:
 def write_table(out_dir: Path, varying: list[str], rows: list[dict]) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
     header = ["experiment", *varying, *METRICS]
+    rows = [{h: row.get(h) for h in header} for row in rows]
     paths = {"csv": out_dir / "experiments.csv", "md": out_dir / "experiments.md", "html": out_dir / "experiments.html"}
     with paths["csv"].open("w", newline="") as handle:
         writer = csv.DictWriter(handle, header)

@@ -250,11 +250,12 @@ def _data_uri(png: bytes) -> str:
 
 
 def _metric_table(
-    dataset_name: str, student: dict, teacher: dict | None, chance: dict
+    dataset_name: str, student: dict, teacher: dict | None, chance: dict, others: dict[str, dict] | None = None
 ) -> tuple[list[str], list[list[str]]]:
     columns: list[tuple[str, dict]] = [("student", student)]
     if teacher:
         columns.append(("teacher", teacher))
+    columns.extend((f"teacher {name}", values) for name, values in (others or {}).items())
     columns.append(("chance", chance))
     paper = _paper_key(dataset_name)
     if paper:
@@ -364,6 +365,8 @@ def write_report(
     pca_feats: tuple[np.ndarray, np.ndarray] | None = None,
     examples: list[dict[str, Any]] | None = None,
     extra: dict[str, Any] | None = None,
+    other_teachers: dict[str, dict[str, float]] | None = None,
+    experiments: tuple[list[str], list[str]] | None = None,
 ) -> dict[str, Path]:
     """Write metrics.json, plots/recall_at_k.csv, figures/, report.md and report.html into ``out_dir``.
 
@@ -377,6 +380,9 @@ def write_report(
       "score", "correct"}]}]``, optional.
     - ``extra``: scalars (or dicts of them, flattened with ``_``) added to metrics.json and the details
       table: parameter counts, per-query latency, split sizes, ...
+    - ``other_teachers``: name -> metrics of further teachers on the same items (a column each, and
+      ``teacher_<name>_<metric>`` in metrics.json), optional.
+    - ``experiments``: the experiments section, (Markdown lines, HTML parts) from experiments.report_section.
     Returns the written paths by name.
     """
     out_dir = Path(out_dir)
@@ -386,7 +392,10 @@ def write_report(
     figures_dir.mkdir(parents=True)
     written: dict[str, Path] = {}
 
-    flat, detail_keys = _write_metrics_json(out_dir / "metrics.json", student, teacher, chance, extra or {})
+    other_teachers = other_teachers or {}
+    extra = {**(extra or {}), **{f"teacher_{name}": values for name, values in other_teachers.items()}}
+    flat, detail_keys = _write_metrics_json(out_dir / "metrics.json", student, teacher, chance, extra)
+    detail_keys = [k for k in detail_keys if not any(k.startswith(f"teacher_{n}_") for n in other_teachers)]
     written["metrics"] = out_dir / "metrics.json"
     _write_curves_csv(out_dir / "plots" / "recall_at_k.csv", curves)
     written["curves"] = out_dir / "plots" / "recall_at_k.csv"
@@ -402,7 +411,7 @@ def write_report(
     for stem, _, png in figures:
         (figures_dir / f"{stem}.png").write_bytes(png)
 
-    header, rows = _metric_table(dataset_name, student, teacher, chance)
+    header, rows = _metric_table(dataset_name, student, teacher, chance, other_teachers)
     details = [[key, _format_value(flat[key])] for key in detail_keys]
     example_blocks = _render_examples(examples or [], figures_dir)
 
@@ -412,6 +421,8 @@ def write_report(
         md += ["## Details", "", _markdown_table(["key", "value"], details), ""]
     for stem, caption, _ in figures:
         md += [f"## {caption}", "", f"![{caption}](figures/{stem}.png)", ""]
+    if experiments:
+        md += experiments[0]
     if example_blocks:
         md += ["## Example queries", "", *[block["md"] for block in example_blocks]]
     (out_dir / "report.md").write_text("\n".join(md) + "\n")
@@ -425,6 +436,8 @@ def write_report(
             f"<h2>{html.escape(caption)}</h2>",
             f'<img class="figure" id="fig-{stem}" alt="{html.escape(caption)}" src="{_data_uri(png)}">',
         ]
+    if experiments:
+        body += experiments[1]
     if example_blocks:
         body += ["<h2>Example queries</h2>", *[block["html"] for block in example_blocks]]
     document = (

@@ -20,6 +20,7 @@ from pipeline.encode import encode_images, encode_texts
 from pipeline.errors import DsmdError
 from pipeline.models.student import load_student, read_card
 from stages.distill.data import usable_pairs
+from stages.evaluate.experiments import load_saved, report_section
 from stages.evaluate.index import build_index, time_search
 from stages.evaluate.metrics import (
     chance_curves,
@@ -71,6 +72,23 @@ def _examples(ds, texts, caption_image_ids, text_emb, index, n: int) -> list[dic
     return examples
 
 
+def _other_teachers(reader, main: str, images, captions, caption_rows, ks, budget: int) -> dict[str, dict]:
+    """Recall of every other dual-stream teacher in the store (e.g. MCAD's second teacher) on the same items;
+    a teacher without a valid row for each of them is left out rather than scored on another task."""
+    found = {}
+    arrays = set(reader.arrays())
+    for name in reader.teachers():
+        if name == main or not {(name, "image"), (name, "text")} <= arrays:
+            continue
+        if not (reader.valid(name, "image")[images].all() and reader.valid(name, "text")[captions].all()):
+            console.print(f"teacher {name}: not every evaluated item has its features; left out of the report")
+            continue
+        ranks = retrieval_ranks(reader.get(name, "image", images), reader.get(name, "text", captions), caption_rows,
+                                memory_budget_mb=budget)
+        found[name] = recall_from_ranks(ranks, ks)
+    return found
+
+
 def run_evaluate(cfg: Config) -> dict:
     ev, teacher_name = cfg.evaluate, cfg.distill.teacher
     student_dir = Path(cfg.distill.out_dir) / "student"
@@ -118,6 +136,7 @@ def run_evaluate(cfg: Config) -> dict:
     teacher_ranks = retrieval_ranks(teacher_image, teacher_text, caption_rows, memory_budget_mb=budget)
     student_metrics = recall_from_ranks(student_ranks, ev.ks)
     teacher_metrics = recall_from_ranks(teacher_ranks, ev.ks)
+    other_teachers = _other_teachers(reader, teacher_name, images, captions, caption_rows, ev.ks, budget)
     chance = chance_metrics(len(images), caption_rows, ev.ks)
     max_k = min(CURVE_MAX_K, len(images))
     curves = {
@@ -166,6 +185,8 @@ def run_evaluate(cfg: Config) -> dict:
         pca_feats=(teacher_image[:n_pca], image_emb[:n_pca]),
         examples=_examples(ds, texts, caption_image_ids, text_emb, image_index, ev.examples),
         extra=extra,
+        other_teachers=other_teachers,
+        experiments=report_section(load_saved(ev.ablations), ev.ablations),
     )
     console.print(
         f"[green]evaluate done[/green] on {len(images)} images / {len(captions)} captions ({ev.split}): "

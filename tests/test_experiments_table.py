@@ -1,0 +1,80 @@
+"""The experiments table: rows gathered from DVC, saved for the report, rendered in the evaluation report."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from test_report import report_inputs  # noqa: F401 - the report's inputs, a module fixture
+
+from pipeline.errors import DsmdError
+from stages.evaluate.experiments import (
+    _without_unchanged_workspace,
+    load_saved,
+    report_section,
+    save_for_report,
+)
+from stages.evaluate.report import write_report
+
+VARYING = ["distill.losses.cd", "distill.method"]
+
+
+def _row(name: str, cd: bool, method: str, rsum: float) -> dict:
+    return {"experiment": name, "rev": name[:4], "created": "2026-11-25T20:00:00", "distill.losses.cd": cd,
+            "distill.method": method, "student_i2t_r1": 10.0, "student_t2i_r1": 12.5, "student_rsum": rsum,
+            "teacher_rsum": 233.0, "rsum_ratio": rsum / 233.0}
+
+
+ROWS = [_row("main", True, "dsmd", 236.4), _row("no-cd", False, "dsmd", 230.1), _row("mcad", True, "mcad", 240.2)]
+
+
+def test_workspace_row_is_dropped_only_when_it_repeats_a_result():
+    workspace = {**ROWS[0], "experiment": "workspace", "rev": "workspace"}
+    assert [r["experiment"] for r in _without_unchanged_workspace(VARYING, [workspace, *ROWS])] == [
+        "main", "no-cd", "mcad"]
+    changed = {**workspace, "student_rsum": 200.0}
+    assert _without_unchanged_workspace(VARYING, [changed, *ROWS])[0]["experiment"] == "workspace"
+
+
+def test_saved_table_round_trips_and_renders_every_row(tmp_path):
+    path = save_for_report(tmp_path / "results" / "ablations.json", VARYING, ROWS)
+    document = load_saved(path)
+    assert document["rows"] == ROWS and document["varying"] == VARYING
+    md, parts = report_section(document, "results/ablations.json")
+    text = "\n".join(md)
+    assert "| experiment | distill.losses.cd | distill.method | student_i2t_r1 |" in text
+    assert "| no-cd | False | dsmd | 10.0 | 12.5 | 230.1 | 233.0 | 0.988 |" in text
+    assert "3 runs" in text
+    page = "".join(parts)
+    assert page.count("<tr>") == 1 + len(ROWS) and "mcad" in page
+
+
+def test_missing_or_empty_table_says_how_to_make_one(tmp_path):
+    assert load_saved("") is None and load_saved(tmp_path / "absent.json") is None
+    for document in (None, {"rows": []}):
+        md, parts = report_section(document, "results/ablations.json")
+        assert "No experiments gathered yet" in md[2] and "dsmd experiments" in parts[1]
+
+
+def test_a_broken_table_is_a_clear_error(tmp_path):
+    bad = tmp_path / "ablations.json"
+    bad.write_text("{not json")
+    with pytest.raises(DsmdError, match="ablations.json: not valid JSON.*dsmd experiments"):
+        load_saved(bad)
+    bad.write_text(json.dumps({"rows": "x"}))
+    with pytest.raises(DsmdError, match="no rows list"):
+        load_saved(bad)
+
+
+def test_report_holds_the_experiments_and_other_teachers(tmp_path, report_inputs):  # noqa: F811
+    other = {k: v - 5 for k, v in report_inputs["teacher"].items()}
+    section = report_section({"rows": ROWS, "varying": VARYING, "gathered": "today"}, "results/ablations.json")
+    write_report(tmp_path, **{**report_inputs, "train_log": None, "pca_feats": None},
+                 other_teachers={"small": other}, experiments=section)
+    md = (tmp_path / "report.md").read_text()
+    assert "| metric | student | teacher | teacher small | chance |" in md
+    assert "## Ablations and other experiments (DVC experiments)" in md and "| mcad | True | mcad |" in md
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["teacher_small_rsum"] == pytest.approx(report_inputs["teacher"]["rsum"] - 5)
+    page = (tmp_path / "report.html").read_text()
+    assert 'id="experiments"' in page and page.index("Ablations") < page.index("Example queries")

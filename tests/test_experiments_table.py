@@ -16,13 +16,13 @@ from stages.evaluate.experiments import (
 )
 from stages.evaluate.report import write_report
 
-VARYING = ["distill.losses.cd", "distill.method"]
+VARYING = ["distill.losses.cd", "distill.method", "distill.seed"]
 
 
 def _row(name: str, cd: bool, method: str, rsum: float) -> dict:
     return {"experiment": name, "rev": name[:4], "created": "2026-11-25T20:00:00", "distill.losses.cd": cd,
-            "distill.method": method, "student_i2t_r1": 10.0, "student_t2i_r1": 12.5, "student_rsum": rsum,
-            "teacher_rsum": 233.0, "rsum_ratio": rsum / 233.0}
+            "distill.method": method, "distill.seed": 0.0, "student_i2t_r1": 10.0, "student_t2i_r1": 12.5,
+            "student_rsum": rsum, "teacher_rsum": 233.0, "rsum_ratio": rsum / 233.0}
 
 
 ROWS = [_row("main", True, "dsmd", 236.4), _row("no-cd", False, "dsmd", 230.1), _row("mcad", True, "mcad", 240.2)]
@@ -42,8 +42,9 @@ def test_saved_table_round_trips_and_renders_every_row(tmp_path):
     assert document["rows"] == ROWS and document["varying"] == VARYING
     md, parts = report_section(document, "results/ablations.json")
     text = "\n".join(md)
-    assert "| experiment | distill.losses.cd | distill.method | student_i2t_r1 |" in text
-    assert "| no-cd | False | dsmd | 10.0 | 12.5 | 230.1 | 233.0 | 0.988 |" in text
+    assert "| experiment | distill.losses.cd | distill.method | distill.seed | student_i2t_r1 |" in text
+    # Parameters as written (DVC returns the seed as a float), metrics rounded.
+    assert "| no-cd | False | dsmd | 0 | 10.0 | 12.5 | 230.1 | 233.0 | 0.988 |" in text
     assert "3 runs" in text
     page = "".join(parts)
     assert page.count("<tr>") == 1 + len(ROWS) and "mcad" in page
@@ -73,7 +74,7 @@ def test_report_holds_the_experiments_and_other_teachers(tmp_path, report_inputs
                  other_teachers={"small": other}, experiments=section)
     md = (tmp_path / "report.md").read_text()
     assert "| metric | student | teacher | teacher small | chance |" in md
-    assert "## Ablations and other experiments (DVC experiments)" in md and "| mcad | True | mcad |" in md
+    assert "## Ablations and other experiments (DVC experiments)" in md and "| mcad | True | mcad | 0 |" in md
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["teacher_small_rsum"] == pytest.approx(report_inputs["teacher"]["rsum"] - 5)
     page = (tmp_path / "report.html").read_text()

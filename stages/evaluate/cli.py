@@ -34,7 +34,8 @@ def register(app: typer.Typer) -> None:
         paths = write_table(out, varying, rows)
         table = Table(title="experiments")
         for column in ["experiment", *varying, *METRICS]:
-            table.add_column(column)
+            # Parameter names are long: wrap them rather than cut them to "di…" on a narrow terminal.
+            table.add_column(column.removeprefix("distill."), overflow="fold")
         for row in rows:
             table.add_row(*(str(row.get(c, "")) if not isinstance(row.get(c), float) else f"{row[c]:.2f}"
                             for c in ["experiment", *varying, *METRICS]))

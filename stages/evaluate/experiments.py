@@ -87,7 +87,7 @@ def report_section(document: dict | None, source: str) -> tuple[list[str], list[
         return [f"## {title}", "", text, ""], [f"<h2>{html.escape(title)}</h2>", f"<p>{html.escape(text)}</p>"]
     varying, metrics = document.get("varying", []), document.get("metrics", METRICS)
     header = ["experiment", *varying, *metrics]
-    cells = [[_cell(row.get(h)) for h in header] for row in document["rows"]]
+    cells = [[_cell(row.get(h), h in metrics) for h in header] for row in document["rows"]]
     text = (f"{len(cells)} runs, each a real `dvc exp run` of this pipeline, gathered by `dsmd experiments` on "
             f"{document.get('gathered', '?')} into {source}. Columns: the parameters that differ between the runs, "
             "then test-split metrics (RSUM and recall in percent; ratio = student RSUM / teacher RSUM).")
@@ -102,7 +102,10 @@ def report_section(document: dict | None, source: str) -> tuple[list[str], list[
     )
 
 
-def _cell(value) -> str:
+def _cell(value, metric: bool = True) -> str:
+    if isinstance(value, float) and not metric:
+        # DVC hands back some integer parameters (e.g. seeds) as floats: show them as written.
+        return str(int(value)) if value.is_integer() else f"{value:g}"
     if isinstance(value, float):
         return f"{value:.3f}" if abs(value) < 10 else f"{value:.1f}"
     return "" if value is None else str(value)
@@ -118,11 +121,12 @@ def write_table(out_dir: Path, varying: list[str], rows: list[dict]) -> dict[str
         writer.writeheader()
         writer.writerows(rows)
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(row.get(h)) for h in header) + " |" for row in rows]
+    lines += ["| " + " | ".join(_cell(row.get(h), h in METRICS) for h in header) + " |" for row in rows]
     paths["md"].write_text("# Experiments\n\n" + "\n".join(lines) + "\n")
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_cell(row.get(h)))}</td>" for h in header) + "</tr>" for row in rows
+        "<tr>" + "".join(f"<td>{html.escape(_cell(row.get(h), h in METRICS))}</td>" for h in header) + "</tr>"
+        for row in rows
     )
     paths["html"].write_text(
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>dsmd experiments</title>'

@@ -28,17 +28,20 @@ def register(app: typer.Typer) -> None:
         """Gather the finished DVC experiments (e.g. the ablations) into one comparison table."""
         from rich.table import Table
 
-        from stages.evaluate.experiments import METRICS, collect, save_for_report, write_table
+        from stages.evaluate.experiments import collect, save_for_report, write_table
 
         varying, rows = collect(".")
         paths = write_table(out, varying, rows)
-        table = Table(title="experiments")
-        for column in ["experiment", *varying, *METRICS]:
-            # Parameter names are long: wrap them rather than cut them to "di…" on a narrow terminal.
-            table.add_column(column.removeprefix("distill."), overflow="fold")
+        # The files hold every column; on the terminal, what each run changed against the first row (the
+        # baseline) and its scores fit any width.
+        table = Table(title="experiments (full table in the files below)")
+        for column in ("experiment", "changed vs first row", "student RSUM", "teacher RSUM", "ratio"):
+            table.add_column(column, overflow="fold")
         for row in rows:
-            table.add_row(*(str(row.get(c, "")) if not isinstance(row.get(c), float) else f"{row[c]:.2f}"
-                            for c in ["experiment", *varying, *METRICS]))
+            changed = [f"{k.removeprefix('distill.')}={row.get(k)}" for k in varying if row.get(k) != rows[0].get(k)]
+            table.add_row(str(row["experiment"]), " ".join(changed) or "-",
+                          *(f"{row[m]:.3f}" if m == "rsum_ratio" else f"{row[m]:.1f}" if row.get(m) is not None else ""
+                            for m in ("student_rsum", "teacher_rsum", "rsum_ratio")))
         console.print(table)
         console.print(f"{len(rows)} experiment(s): {paths['md']}, {paths['html']}, {paths['csv']}")
         target = get_config(ctx).evaluate.ablations

@@ -28,7 +28,7 @@ def register(app: typer.Typer) -> None:
         """Gather the finished DVC experiments (e.g. the ablations) into one comparison table."""
         from rich.table import Table
 
-        from stages.evaluate.experiments import collect, save_for_report, write_table
+        from stages.evaluate.experiments import cell_text, collect, save_for_report, write_table
 
         varying, rows = collect(".")
         paths = write_table(out, varying, rows)
@@ -38,7 +38,8 @@ def register(app: typer.Typer) -> None:
         for column in ("experiment", "changed vs first row", "student RSUM", "teacher RSUM", "ratio"):
             table.add_column(column, overflow="fold")
         for row in rows:
-            changed = [f"{k.removeprefix('distill.')}={row.get(k)}" for k in varying if row.get(k) != rows[0].get(k)]
+            changed = [f"{k.removeprefix('distill.')}={cell_text(row.get(k), False)}"
+                       for k in varying if row.get(k) != rows[0].get(k)]
             table.add_row(str(row["experiment"]), " ".join(changed) or "-",
                           *(f"{row[m]:.3f}" if m == "rsum_ratio" else f"{row[m]:.1f}" if row.get(m) is not None else ""
                             for m in ("student_rsum", "teacher_rsum", "rsum_ratio")))

@@ -86,23 +86,33 @@ def report_section(document: dict | None, source: str) -> tuple[list[str], list[
                 f"Experiments), then `dsmd experiments` writes {source} and `dvc repro` puts it here.")
         return [f"## {title}", "", text, ""], [f"<h2>{html.escape(title)}</h2>", f"<p>{html.escape(text)}</p>"]
     varying, metrics = document.get("varying", []), document.get("metrics", METRICS)
-    header = ["experiment", *varying, *metrics]
-    cells = [[_cell(row.get(h), h in metrics) for h in header] for row in document["rows"]]
+    header, cells = _cells(document["rows"], varying, metrics)
     text = (f"{len(cells)} runs, each a real `dvc exp run` of this pipeline, gathered by `dsmd experiments` on "
             f"{document.get('gathered', '?')} into {source}. Columns: the parameters that differ between the runs, "
             "then test-split metrics (RSUM and recall in percent; ratio = student RSUM / teacher RSUM).")
-    md_rows = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    md_rows += ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
     return (
-        [f"## {title}", "", text, "", *md_rows, ""],
-        [f"<h2>{html.escape(title)}</h2>", f"<p>{html.escape(text)}</p>",
-         f'<table class="experiments" id="experiments"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'],
+        [f"## {title}", "", text, "", *_markdown(header, cells), ""],
+        [f"<h2>{html.escape(title)}</h2>", f"<p>{html.escape(text)}</p>", _html(header, cells)],
     )
 
 
-def _cell(value, metric: bool = True) -> str:
+def _cells(rows: list[dict], varying: list[str], metrics: list[str]) -> tuple[list[str], list[list[str]]]:
+    header = ["experiment", *varying, *metrics]
+    return header, [[cell_text(row.get(h), h in metrics) for h in header] for row in rows]
+
+
+def _markdown(header: list[str], cells: list[list[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return lines + ["| " + " | ".join(c.replace("|", "\\|") for c in row) + " |" for row in cells]
+
+
+def _html(header: list[str], cells: list[list[str]]) -> str:
+    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in row) + "</tr>" for row in cells)
+    return f'<table class="experiments" id="experiments"><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>'
+
+
+def cell_text(value, metric: bool = True) -> str:
     if isinstance(value, float) and not metric:
         # DVC hands back some integer parameters (e.g. seeds) as floats: show them as written.
         return str(int(value)) if value.is_integer() else f"{value:g}"
@@ -113,25 +123,16 @@ def _cell(value, metric: bool = True) -> str:
 
 def write_table(out_dir: Path, varying: list[str], rows: list[dict]) -> dict[str, Path]:
     out_dir.mkdir(parents=True, exist_ok=True)
-    header = ["experiment", *varying, *METRICS]
-    rows = [{h: row.get(h) for h in header} for row in rows]
+    header, cells = _cells(rows, varying, METRICS)
     paths = {"csv": out_dir / "experiments.csv", "md": out_dir / "experiments.md", "html": out_dir / "experiments.html"}
     with paths["csv"].open("w", newline="") as handle:
-        writer = csv.DictWriter(handle, header)
+        writer = csv.DictWriter(handle, header, extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(_cell(row.get(h), h in METRICS) for h in header) + " |" for row in rows]
-    paths["md"].write_text("# Experiments\n\n" + "\n".join(lines) + "\n")
-    head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
-    body = "".join(
-        "<tr>" + "".join(f"<td>{html.escape(_cell(row.get(h), h in METRICS))}</td>" for h in header) + "</tr>"
-        for row in rows
-    )
+    paths["md"].write_text("# Experiments\n\n" + "\n".join(_markdown(header, cells)) + "\n")
     paths["html"].write_text(
         '<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><title>dsmd experiments</title>'
         "<style>table{border-collapse:collapse}td,th{border:1px solid #ccc;padding:.3rem .6rem}</style></head>"
-        f"<body><h1>Experiments</h1><table id='experiments'><thead><tr>{head}</tr></thead>"
-        f"<tbody>{body}</tbody></table></body></html>\n"
+        f"<body><h1>Experiments</h1>{_html(header, cells)}</body></html>\n"
     )
     return paths

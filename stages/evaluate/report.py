@@ -295,12 +295,15 @@ def _format_value(value: Any) -> str:
 # ---------------------------------------------------------------- outputs
 
 
-def _write_metrics_json(path: Path, student, teacher, chance, extra) -> tuple[dict[str, Any], list[str]]:
+def _write_metrics_json(
+    path: Path, student, teacher, chance, extra, other_teachers: dict[str, dict] | None = None
+) -> tuple[dict[str, Any], list[str]]:
     """Write metrics.json; return its content and the keys that are not recall metrics (the details)."""
     from stages.evaluate.metrics import ratios
 
     flat: dict[str, Any] = {}
-    for prefix, values in (("student", student), ("teacher", teacher or {}), ("chance", chance)):
+    others = [(f"teacher_{name}", values) for name, values in (other_teachers or {}).items()]
+    for prefix, values in (("student", student), ("teacher", teacher or {}), *others, ("chance", chance)):
         for key, value in values.items():
             flat[f"{prefix}_{key}"] = float(value)
     if teacher:
@@ -392,10 +395,9 @@ def write_report(
     figures_dir.mkdir(parents=True)
     written: dict[str, Path] = {}
 
-    other_teachers = other_teachers or {}
-    extra = {**(extra or {}), **{f"teacher_{name}": values for name, values in other_teachers.items()}}
-    flat, detail_keys = _write_metrics_json(out_dir / "metrics.json", student, teacher, chance, extra)
-    detail_keys = [k for k in detail_keys if not any(k.startswith(f"teacher_{n}_") for n in other_teachers)]
+    flat, detail_keys = _write_metrics_json(
+        out_dir / "metrics.json", student, teacher, chance, extra or {}, other_teachers
+    )
     written["metrics"] = out_dir / "metrics.json"
     _write_curves_csv(out_dir / "plots" / "recall_at_k.csv", curves)
     written["curves"] = out_dir / "plots" / "recall_at_k.csv"

@@ -42,7 +42,7 @@ def _fit_and_report(cfg, dataset, report_name: str) -> None:
 
     from pipeline.models.demo_teacher import encode_split, fit_demo_teacher, write_fit_report
     from pipeline.models.teachers import load_teacher
-    from stages.evaluate.metrics import chance_metrics, retrieval_metrics
+    from pipeline.retrieval.metrics import chance_metrics, retrieval_metrics
 
     name = cfg.teacher.name
     with make_progress() as progress:

@@ -33,6 +33,14 @@ def _root(
     ),
 ) -> None:
     ctx.obj = {"params": params, "overrides": list(overrides)}
+    # Command groups that must not import the configuration code (store/) read a setting through this.
+    ctx.obj["setting"] = lambda dotted: _setting(get_config(ctx), dotted)
+
+
+def _setting(cfg: object, dotted: str) -> object:
+    for name in dotted.split("."):
+        cfg = getattr(cfg, name)
+    return cfg
 
 
 @app.command("config")

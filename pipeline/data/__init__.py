@@ -1,5 +1,5 @@
-"""Datasets: source readers (Karpathy JSON, CSV/JSONL/Parquet tables), the canonical dataset, image decoding,
-the dataset check and the shapes-world demo generator. No torch here.
+"""Datasets: source readers (Karpathy JSON, CSV/JSONL/Parquet tables) filling a row checker (rows), the canonical
+dataset, image decoding, the dataset check and the usable-pairs rule (pairs). No torch here.
 
 The main names are importable from this package; they load on first use so that the CLI starts quickly.
 """

@@ -18,7 +18,6 @@ _EXPORTS = {
     "check_dataset": "pipeline.data.check",
     "load_bad_images": "pipeline.data.check",
     "CheckReport": "pipeline.data.check",
-    "generate_shapes": "pipeline.data.shapes",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -361,7 +361,7 @@ def _source_record(cfg: Any, fmt: str) -> dict:
 def _checked_inputs(cfg: Any) -> tuple[Path, Path, str]:
     source = Path(cfg.source)
     if not source.is_file():
-        raise DsmdError(f"data.source {cfg.source!r}: no such file; set data.source (or run `dsmd data demo`)")
+        raise DsmdError(f"data.source {cfg.source!r}: no such file; set data.source (or run `dsmd demo data`)")
     root = Path(cfg.images_root)
     if not root.is_dir():
         raise DsmdError(f"data.images_root {cfg.images_root!r}: no such directory; set data.images_root")

@@ -32,8 +32,10 @@ browser:
 test: $(STAMP) browser
 	$(BIN)/python -m pytest -q
 
+# lint-imports: the layering contracts in pyproject.toml ([tool.importlinter]).
 lint: $(STAMP)
 	$(BIN)/ruff check pipeline stages store tests benchmarks
+	$(BIN)/lint-imports
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/store_throughput.py --rows 50000

@@ -64,7 +64,7 @@ def measure(bundle_dir: str, queries_file: str, threads: int) -> dict:
     import onnxruntime  # noqa: F401  (imported before the first reading: part of the runtime)
     import tokenizers  # noqa: F401
 
-    from stages.export.bundle import Bundle
+    from pipeline.retrieval.bundle import Bundle
 
     queries = json.loads(Path(queries_file).read_text())
     runtime_mb = _vm("VmRSS")
@@ -107,7 +107,7 @@ def measure(bundle_dir: str, queries_file: str, threads: int) -> dict:
 
 
 def shapes_inputs(n_scenes: int, seed: int = 0):
-    from pipeline.data.shapes import render_scene, sample_scene, scene_captions
+    from stages.demo.shapes import render_scene, sample_scene, scene_captions
 
     rng = np.random.default_rng(seed)
     texts, images = [], []

@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.config import Config, DataConfig, DemoConfig, StudentConfig  # noqa: E402
 from pipeline.data.canonical import CanonicalDataset, prepare_dataset  # noqa: E402
-from pipeline.data.shapes import generate_shapes  # noqa: E402
+from stages.demo.shapes import generate_shapes  # noqa: E402
 from stages.distill.train import Trainer  # noqa: E402
 from store import FeatureStore  # noqa: E402
 

@@ -26,8 +26,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from stages.evaluate.index import build_index, time_search  # noqa: E402
-from stages.evaluate.metrics import retrieval_metrics  # noqa: E402
+from pipeline.retrieval.index import build_index, time_search  # noqa: E402
+from pipeline.retrieval.metrics import retrieval_metrics  # noqa: E402
 
 
 def unit_vectors(rng: np.random.Generator, n: int, dim: int) -> np.ndarray:

@@ -1,10 +1,11 @@
-"""The `dsmd` command line. Commands stay thin: they read the config and call into the stage packages.
-
-Stage modules are imported inside each command so that `dsmd --help` does not pay for importing torch.
+"""The `dsmd` command line: the root command, `dsmd config`, and the command groups that the installed packages
+declare as entry points (group dsmd.commands in pyproject.toml). Commands stay thin: they read the config and
+call into the stage packages, importing them inside each command so that `dsmd --help` does not pay for torch.
 """
 
 from __future__ import annotations
 
+import importlib.metadata
 import sys
 from pathlib import Path
 
@@ -33,6 +34,14 @@ def _root(
     ),
 ) -> None:
     ctx.obj = {"params": params, "overrides": list(overrides)}
+    # Command groups that must not import the configuration code (store/) read a setting through this.
+    ctx.obj["setting"] = lambda dotted: _setting(get_config(ctx), dotted)
+
+
+def _setting(cfg: object, dotted: str) -> object:
+    for name in dotted.split("."):
+        cfg = getattr(cfg, name)
+    return cfg
 
 
 @app.command("config")
@@ -43,33 +52,35 @@ def show_config(ctx: typer.Context) -> None:
     typer.echo(dump_config(get_config(ctx)))
 
 
-def _register_optional() -> None:
-    """Attach the stage command groups that exist. Each stage package has a light `cli` module."""
-    import importlib
+COMMANDS_GROUP = "dsmd.commands"
 
-    for module_name in (
-        "pipeline.data.cli",
-        "pipeline.models.cli",
-        "store.cli",
-        "stages.extract.cli",
-        "stages.extract.pairs_cli",
-        "stages.distill.cli",
-        "stages.evaluate.cli",
-        "stages.export.cli",
-    ):
+
+def _register_commands() -> str | None:
+    """Attach every command group that an installed package declares under [project.entry-points."dsmd.commands"]
+    (name = "module:register"). The stages register themselves this way, so this shared module names none of
+    them; each `register` module is light (no torch import at module level). Returns what went wrong, if anything.
+    """
+    entry_points = importlib.metadata.entry_points(group=COMMANDS_GROUP)
+    if not entry_points:
+        # A source tree on PYTHONPATH without installed metadata (or installed before the entry points existed).
+        return f"no dsmd commands are installed (entry points {COMMANDS_GROUP}); run `pip install -e .` in the repo"
+    for entry_point in entry_points:
         try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name and module_name.startswith(exc.name):
-                continue
-            raise
-        module.register(app)
+            register = entry_point.load()
+        except (ImportError, AttributeError) as exc:
+            return (f"command group {entry_point.name} = {entry_point.value} cannot be loaded ({exc}); the installed "
+                    "metadata may be stale: run `pip install -e .` again")
+        register(app)
+    return None
 
 
-_register_optional()
+_REGISTRATION_PROBLEM = _register_commands()
 
 
 def main() -> None:
+    if _REGISTRATION_PROBLEM is not None:
+        console.print(f"[red]error:[/red] {escape(_REGISTRATION_PROBLEM)}", highlight=False, soft_wrap=True)
+        sys.exit(2)
     # Click handles usage errors itself (exit 2); our own errors are printed as one line, no traceback.
     try:
         app()

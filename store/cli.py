@@ -6,9 +6,13 @@ import json
 from pathlib import Path
 
 import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from pipeline.console import console, get_config, make_progress
+from store.errors import StoreError
 
+# store/ stands alone (no pipeline import), so it keeps its own console, on stderr like the rest of dsmd's output.
+console = Console(stderr=True)
 store_app = typer.Typer(
     help="Inspect, check and convert teacher feature stores.", no_args_is_help=True, add_completion=False
 )
@@ -18,8 +22,28 @@ def register(app: typer.Typer) -> None:
     app.add_typer(store_app, name="store")
 
 
+def make_progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]}"),
+        TimeElapsedColumn(),
+        TimeRemainingColumn(),
+        console=console,
+    )
+
+
 def _store_path(ctx: typer.Context, path: Path | None) -> Path:
-    return path if path is not None else Path(get_config(ctx).extract.store)
+    """The PATH argument, else the configured extract.store: the root command hands a settings lookup down in
+    its context (``obj["setting"]``), which keeps this module free of the configuration code."""
+    if path is not None:
+        return path
+    root = ctx.find_root().obj
+    setting = root.get("setting") if isinstance(root, dict) else None
+    if setting is None:
+        raise StoreError("no store path given and no settings to take extract.store from; pass the store path")
+    return Path(setting("extract.store"))
 
 
 def _size(n: int) -> str:
@@ -82,7 +106,6 @@ def verify(
     dataset: Path | None = typer.Option(None, "--dataset", help="Canonical dataset dir to match fingerprints."),
 ) -> None:
     """Check every shard: completion mark, checksums, finite unit-norm rows, dataset fingerprint."""
-    from store.errors import StoreError
     from store.info import store_info
     from store.verify import verify_store
 

@@ -91,7 +91,7 @@ def read_csv(path: Path) -> list[dict[str, float]]:
 
 
 def _oracle_features(world: World, ds) -> tuple[np.ndarray, np.ndarray]:
-    from pipeline.data.shapes import COLOURS
+    from stages.demo.shapes import COLOURS
 
     rng = np.random.default_rng(1234)
     colour_vec = {c: rng.standard_normal(ORACLE_DIM) for c in COLOURS}
@@ -129,7 +129,7 @@ def _write_oracle(world: World) -> None:
 def build_world(root: Path) -> World:
     """Shapes images -> canonical dataset -> store (real extract for beit3, direct writes for oracle)."""
     from pipeline.data.canonical import prepare_dataset
-    from pipeline.data.shapes import generate_shapes
+    from stages.demo.shapes import generate_shapes
     from stages.extract.run import run_extract
 
     world = World(root)

@@ -54,7 +54,7 @@ def base_params(world: World) -> dict:
 def build_world(root: Path, **demo) -> World:
     """Shapes images (32 px; 24 train, 4 val, 8 test; 3 captions each) and their canonical dataset."""
     from pipeline.data.canonical import prepare_dataset
-    from pipeline.data.shapes import generate_shapes
+    from stages.demo.shapes import generate_shapes
 
     world = World(root)
     params = base_params(world)

@@ -1,7 +1,10 @@
 """The command line: help everywhere, and failures as one line with a non-zero exit code."""
 
+import importlib.metadata
 import subprocess
 import sys
+import tomllib
+from pathlib import Path
 
 import pytest
 import typer
@@ -41,9 +44,9 @@ def test_params_file_is_read_and_overridden(tmp_path):
 
 
 COMMANDS = [
-    ["config"], ["data"], ["data", "demo"], ["data", "prepare"], ["data", "check"], ["data", "info"],
-    ["teacher", "fit-demo"], ["teacher", "info"], ["extract"], ["extract-pairs"], ["store", "info"],
-    ["store", "verify"], ["store", "convert"], ["distill"], ["evaluate"], ["experiments"], ["search"], ["export"],
+    ["config"], ["demo"], ["demo", "data"], ["demo", "teacher"], ["data"], ["data", "prepare"], ["data", "check"],
+    ["data", "info"], ["teacher", "info"], ["extract"], ["extract-pairs"], ["store", "info"], ["store", "verify"],
+    ["store", "convert"], ["distill"], ["evaluate"], ["experiments"], ["search"], ["export"],
 ]
 
 
@@ -52,6 +55,30 @@ def test_every_command_has_help(command):
     result = CliRunner().invoke(app, [*command, "--help"])
     assert result.exit_code == 0, result.output
     assert "Usage:" in result.output
+
+
+def test_installed_command_groups_are_the_ones_pyproject_declares():
+    declared = tomllib.loads((Path(__file__).resolve().parents[1] / "pyproject.toml").read_text())
+    declared = declared["project"]["entry-points"]["dsmd.commands"]
+    installed = {e.name: e.value for e in importlib.metadata.entry_points(group="dsmd.commands")}
+    assert installed == declared, "the installed metadata is stale: run `pip install -e .`"
+
+
+def test_without_installed_commands_the_cli_says_how_to_install_them(tmp_path):
+    code = ("import importlib.metadata as m; m.entry_points = lambda **kw: m.EntryPoints(())\n"
+            "from pipeline.cli import main; main()")
+    result = subprocess.run([sys.executable, "-c", code, "--help"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "pip install -e ." in lines[0], result.stderr
+    assert "Usage" not in result.stdout
+
+
+def test_store_commands_default_to_the_configured_store(tmp_path):
+    missing = tmp_path / "elsewhere.zarr"
+    result = run_dsmd("--set", f"extract.store={missing}", "store", "info", cwd=tmp_path)
+    assert result.returncode == 2
+    assert str(missing) in result.stderr
 
 
 def test_help_does_not_import_torch():

@@ -69,7 +69,7 @@ def test_demo_then_prepare(tmp_path):
         "--set",
         "demo.n_test=4",
     ]
-    demo = CliRunner().invoke(app, [*common, "data", "demo"])
+    demo = CliRunner().invoke(app, [*common, "demo", "data"])
     assert demo.exit_code == 0, demo.output
     assert (out / "dataset_shapes.json").exists()
     prepared = CliRunner().invoke(app, [*common, "data", "prepare"])

@@ -24,13 +24,14 @@ from pipeline.cli import app
 from pipeline.config import StudentConfig
 from pipeline.data.canonical import CanonicalDataset, prepare_dataset
 from pipeline.data.images import load_rgb
-from pipeline.data.shapes import render_scene, sample_scene, scene_captions
 from pipeline.errors import DsmdError
 from pipeline.models.student import Student, build_vocab, load_student, load_vocab_tokenizer, save_student
-from stages.evaluate.index import build_index
-from stages.export.bundle import Bundle, build_bundle, search_bundle
+from pipeline.retrieval.bundle import Bundle, search_bundle
+from pipeline.retrieval.index import build_index
+from pipeline.retrieval.runtime import ImageEncoder, TextEncoder, load_tokenizer, preprocess_images, tokenize
+from stages.demo.shapes import render_scene, sample_scene, scene_captions
+from stages.export.bundle import build_bundle
 from stages.export.onnx_export import FLOAT_MIN_COSINE, INT8_MIN_COSINE, check_parity
-from stages.export.runtime import ImageEncoder, TextEncoder, load_tokenizer, preprocess_images, tokenize
 from tests.data_helpers import data_config, karpathy_entry, write_karpathy
 
 DIM = 16

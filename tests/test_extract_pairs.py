@@ -17,6 +17,7 @@ from data_helpers import data_config, karpathy_entry, small_images, write_karpat
 from test_beit3 import FIXTURE, reference_forward
 from typer.testing import CliRunner
 
+from pipeline.alignment import alignment_name, load_alignment
 from pipeline.config import Config, ExtractConfig, LossesConfig, McadConfig, TeacherConfig
 from pipeline.data.canonical import CanonicalDataset, prepare_dataset
 from pipeline.data.images import load_rgb
@@ -33,7 +34,7 @@ from stages.distill.mcad_data import (
     mcad_usable_pairs,
 )
 from stages.extract import pairs_cli
-from stages.extract.align import alignment_name, fit_linear_map, load_alignment, pair_rows
+from stages.extract.align import fit_linear_map, pair_rows
 from stages.extract.pairs import extract_pairs
 from store import FeatureStore, open_store
 from store.extras import get_extra

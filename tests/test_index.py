@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from pipeline.errors import DsmdError
-from stages.evaluate.index import ExactIndex, build_index, load_index, plan_index, time_search
+from pipeline.retrieval.index import ExactIndex, build_index, load_index, plan_index, time_search
 
 faiss = pytest.importorskip("faiss")
 

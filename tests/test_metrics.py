@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pipeline.errors import DsmdError
-from stages.evaluate.metrics import (
+from pipeline.retrieval.metrics import (
     chance_curves,
     chance_metrics,
     ratios,

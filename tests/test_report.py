@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from pipeline.errors import DsmdError
-from stages.evaluate.metrics import chance_curves, chance_metrics, recall_curves, recall_from_ranks, retrieval_ranks
+from pipeline.retrieval.metrics import chance_curves, chance_metrics, recall_curves, recall_from_ranks, retrieval_ranks
 from stages.evaluate.report import pca_2d, read_train_log, write_report
 
 CHROMIUM = Path("/usr/bin/chromium")

@@ -1,5 +1,5 @@
-"""Datasets: source readers (Karpathy JSON, CSV/JSONL/Parquet tables), the canonical dataset, image decoding,
-the dataset check and the shapes-world demo generator. No torch here.
+"""Datasets: source readers (Karpathy JSON, CSV/JSONL/Parquet tables) filling a row checker (rows), the canonical
+dataset, image decoding, the dataset check and the usable-pairs rule (pairs). No torch here.
 
 The main names are importable from this package; they load on first use so that the CLI starts quickly.
 """
@@ -18,7 +18,6 @@ _EXPORTS = {
     "check_dataset": "pipeline.data.check",
     "load_bad_images": "pipeline.data.check",
     "CheckReport": "pipeline.data.check",
-    "generate_shapes": "pipeline.data.shapes",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,9 +1,8 @@
-"""`dsmd data ...`: make the demo dataset, prepare the canonical dataset, check it, describe it."""
+"""`dsmd data ...`: prepare the canonical dataset, check it, describe it."""
 
 from __future__ import annotations
 
 import json
-import time
 
 import typer
 from rich.markup import escape
@@ -14,7 +13,7 @@ from pipeline.console import console, get_config
 
 __all__ = ["register"]
 
-data_app = typer.Typer(help="Datasets: the shapes-world demo, the canonical dataset, checks.", no_args_is_help=True)
+data_app = typer.Typer(help="Datasets: the canonical dataset, checks.", no_args_is_help=True)
 
 
 def _counts_table(dataset) -> Table:
@@ -48,23 +47,6 @@ def _problem_table(title: str, columns: list[str], rows: list[list[str]], limit:
     if 0 < limit < total:
         table.caption = f"{limit} of {total:,} shown; all are in the files named below"
     return table
-
-
-@data_app.command("demo")
-def demo(ctx: typer.Context) -> None:
-    """Generate the shapes-world demo dataset (settings: demo.*)."""
-    from pipeline.data.shapes import generate_shapes
-
-    cfg = get_config(ctx).demo
-    started = time.perf_counter()
-    path = generate_shapes(cfg)
-    total = cfg.n_train + cfg.n_val + cfg.n_test
-    console.print(
-        f"shapes world: {total:,} images ({cfg.n_train:,} train / {cfg.n_val:,} val / {cfg.n_test:,} test), "
-        f"{cfg.captions_per_image} captions each, in {time.perf_counter() - started:.1f} s -> {path}",
-        highlight=False,
-        markup=False,
-    )
 
 
 @data_app.command("prepare")

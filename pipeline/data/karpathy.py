@@ -11,7 +11,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline.data.canonical import SourceBuilder
+from pipeline.data.rows import SourceBuilder
 from pipeline.errors import DsmdError
 
 __all__ = ["read_karpathy"]

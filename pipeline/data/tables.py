@@ -21,7 +21,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data.canonical import SourceBuilder
+from pipeline.data.rows import SourceBuilder
 from pipeline.errors import DsmdError
 
 __all__ = ["read_table_source"]

@@ -1,81 +1,14 @@
-"""`dsmd teacher ...`: fit the demo teacher, show what a teacher is. No torch import at module level."""
+"""`dsmd teacher ...`: show what a teacher is. No torch import at module level."""
 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import typer
 
-from pipeline.console import console, get_config, make_progress
-from pipeline.errors import DsmdError
+from pipeline.console import get_config
 
 teacher_app = typer.Typer(help="The teacher model (BEiT-3 or a CLIP-style dual encoder).", no_args_is_help=True)
-
-FIT_REPORT = "demo_teacher_fit.json"
-
-
-@teacher_app.command("fit-demo")
-def fit_demo(ctx: typer.Context) -> None:
-    """Fit the small demo BEiT-3 on the canonical dataset's train split (settings: demo_teacher.*, teacher.*),
-    and the second one of demo_teacher.second when it is named (written where its extra_teachers entry points).
-
-    Writes the checkpoint, JSON config and .spm where teacher.checkpoint / teacher.size / teacher.tokenizer
-    point, and demo_teacher.out_dir/demo_teacher_fit[_<name>].json with the test-split recall and chance level.
-    """
-    from pipeline.data.canonical import CanonicalDataset
-    from pipeline.models.demo_teacher import second_teacher_config
-
-    cfg = get_config(ctx)
-    if not (Path(cfg.data.canonical_dir) / "dataset.json").exists():
-        raise DsmdError(f"{cfg.data.canonical_dir}: no canonical dataset yet; run `dsmd data demo` and "
-                        "`dsmd data prepare` first")
-    second = second_teacher_config(cfg)  # checked before the first fit, not after it
-    dataset = CanonicalDataset.load(cfg.data.canonical_dir)
-    _fit_and_report(cfg, dataset, FIT_REPORT)
-    if second is not None:
-        _fit_and_report(second, dataset, FIT_REPORT.replace(".json", f"_{second.teacher.name}.json"))
-
-
-def _fit_and_report(cfg, dataset, report_name: str) -> None:
-    from rich.table import Table
-
-    from pipeline.models.demo_teacher import encode_split, fit_demo_teacher, write_fit_report
-    from pipeline.models.teachers import load_teacher
-    from stages.evaluate.metrics import chance_metrics, retrieval_metrics
-
-    name = cfg.teacher.name
-    with make_progress() as progress:
-        task = progress.add_task(f"fitting the demo teacher {name}", total=None, rate="")
-
-        def on_step(step: int, total: int, loss: float) -> None:
-            progress.update(task, completed=step, total=total, rate=f"loss {loss:.3f}")
-
-        result = fit_demo_teacher(cfg, dataset, on_step=on_step)
-    console.print(
-        f"demo teacher {name}: {result.steps} steps over {result.train_captions:,} captions of "
-        f"{result.train_images:,} images in {result.seconds:.0f} s; tokenizer {result.vocab_pieces} pieces -> "
-        f"{result.checkpoint}",
-        highlight=False,
-    )
-
-    teacher = load_teacher(cfg.teacher, device="cpu", precision="fp32")
-    split = cfg.evaluate.split
-    image_emb, text_emb, caption_image = encode_split(teacher, dataset, split)
-    metrics = retrieval_metrics(image_emb, text_emb, caption_image, cfg.evaluate.ks)
-    chance = chance_metrics(len(image_emb), caption_image, cfg.evaluate.ks)
-    report = Path(cfg.demo_teacher.out_dir) / report_name
-    write_fit_report(report, result, metrics, chance, split=split)
-
-    table = Table(title=f"demo teacher {name}, {split} split ({len(image_emb):,} images, {len(text_emb):,} "
-                  "captions)", title_justify="left")
-    table.add_column("")
-    for key in metrics:
-        table.add_column(key, justify="right")
-    table.add_row("teacher", *(f"{v:.2f}" for v in metrics.values()))
-    table.add_row("chance", *(f"{chance[k]:.2f}" for k in metrics))
-    console.print(table)
-    console.print(f"report: {report}", highlight=False)
 
 
 @teacher_app.command("info")

@@ -1,7 +1,8 @@
 """Training pairs: raw images and captions from the canonical dataset, teacher rows fetched by id from the store.
 
 Every caption of the split is one pair (its image, itself). Pairs whose image or caption has no valid teacher
-row (a bad image skipped at extraction) are left out up front, so every stage skips the same items.
+row (a bad image skipped at extraction) are left out up front (pipeline.data.pairs.usable_pairs), so every
+stage skips the same items.
 
 The order is a seeded permutation per epoch, cut into global batches; rank r of W takes its slice of each
 global batch. So a run on W ranks sees exactly the global batches of a single-process run with the same
@@ -105,14 +106,6 @@ class PairCollate:
             teacher_image=torch.from_numpy(self._reader.get(self.teacher, "image", image_ids)),
             teacher_text=torch.from_numpy(self._reader.get(self.teacher, "text", caption_ids)),
         )
-
-
-def usable_pairs(ds: CanonicalDataset, split: str, image_valid: np.ndarray, text_valid: np.ndarray) -> np.ndarray:
-    """Caption ids of the split whose image and caption both have a valid teacher row."""
-    caption_ids = ds.caption_ids(split)
-    image_of = ds.caption_image_ids()
-    keep = text_valid[caption_ids] & image_valid[image_of[caption_ids]]
-    return caption_ids[keep]
 
 
 class EpochBatches(Sampler[list[int]]):

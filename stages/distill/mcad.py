@@ -2,7 +2,8 @@
 
 For a batch of B pairs k = (image i_k, caption j_k):
 - fused feature: f(k) = normalize(fused(k) @ W_m), the single-stream teacher's pair feature carried into dual
-  teacher m's space by its fixed least-squares map W_m (stages/extract/align.py);
+  teacher m's space by its fixed least-squares map W_m (fitted by stages/extract/align.py, stored as
+  pipeline/alignment.py describes);
 - modified teacher features: t~_v(k) = normalize(t_v(i_k) + beta f(k)), t~_t(k) = normalize(t_t(j_k) + beta f(k));
   a row of t~_v belongs to a pair, not to an image: two captions of one image give two (slightly different)
   modified image features;

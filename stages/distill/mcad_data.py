@@ -15,11 +15,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.alignment import alignment_name, load_alignment
 from pipeline.config import McadConfig
 from pipeline.errors import DsmdError
 from stages.distill.data import decoded_items
 from stages.distill.mcad import McadRows
-from stages.extract.align import alignment_name, load_alignment
 from store import open_store
 from store.extras import get_extra
 

@@ -14,8 +14,9 @@ import torch
 
 from pipeline.config import Config
 from pipeline.data.canonical import CanonicalDataset
+from pipeline.data.pairs import usable_pairs
 from pipeline.errors import DsmdError
-from stages.distill.data import PairCollate, usable_pairs
+from stages.distill.data import PairCollate
 from stages.distill.losses import DistillationLosses
 from stages.distill.mcad import McadObjective
 from stages.distill.mcad_data import (

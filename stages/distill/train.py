@@ -26,15 +26,16 @@ from torch.utils.data import DataLoader
 from pipeline.config import Config
 from pipeline.console import console, make_progress
 from pipeline.data.canonical import CanonicalDataset
+from pipeline.data.pairs import usable_pairs
 from pipeline.encode import encode_images, encode_texts
 from pipeline.errors import DsmdError
 from pipeline.models.student import Student, load_vocab_tokenizer, make_tokenizer, save_student
+from pipeline.retrieval.metrics import retrieval_metrics
 from stages.distill.balancer import DynamicBalancer
 from stages.distill.checkpoint import LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from stages.distill.data import EpochBatches, PairRows, usable_pairs
+from stages.distill.data import EpochBatches, PairRows
 from stages.distill.ddp import Ranks, barrier, gather_plain, gather_with_grad, init_from_torchrun, shutdown
 from stages.distill.methods import method_for
-from stages.evaluate.metrics import retrieval_metrics
 
 # Settings that change how a run executes but not what it computes: a checkpoint stays resumable across them.
 # ``epochs`` is one of them: the first N epochs of a longer run are the N epochs of a shorter one (the

@@ -1,4 +1,3 @@
-"""The evaluation stage: retrieval metrics (metrics), search indexes (index) and the report (report).
-
-Only numpy is imported here; the index imports faiss and the report matplotlib when they are used.
+"""The evaluation stage: scoring the student and the teacher (run), the report (report), `dsmd search` (search)
+and the experiments table (experiments). Metrics and indexes are shared: pipeline/retrieval.
 """

@@ -63,7 +63,7 @@ def register(app: typer.Typer) -> None:
         """Search a saved index: prints rank, id, score and path (or caption)."""
         if bundle is not None:
             # Torch-free: neither the config nor the student is read.
-            from stages.export.bundle import search_bundle
+            from pipeline.retrieval.bundle import search_bundle
 
             results = search_bundle(bundle, query, top, image=image)
         else:

@@ -299,7 +299,7 @@ def _write_metrics_json(
     path: Path, student, teacher, chance, extra, other_teachers: dict[str, dict] | None = None
 ) -> tuple[dict[str, Any], list[str]]:
     """Write metrics.json; return its content and the keys that are not recall metrics (the details)."""
-    from stages.evaluate.metrics import ratios
+    from pipeline.retrieval.metrics import ratios
 
     flat: dict[str, Any] = {}
     others = [(f"teacher_{name}", values) for name, values in (other_teachers or {}).items()]

@@ -16,19 +16,19 @@ import torch
 from pipeline.config import Config
 from pipeline.console import console
 from pipeline.data.canonical import CanonicalDataset
+from pipeline.data.pairs import usable_pairs
 from pipeline.encode import encode_images, encode_texts
 from pipeline.errors import DsmdError
 from pipeline.models.student import load_student, read_card
-from stages.distill.data import usable_pairs
-from stages.evaluate.experiments import load_saved, report_section
-from stages.evaluate.index import build_index, time_search
-from stages.evaluate.metrics import (
+from pipeline.retrieval.index import build_index, time_search
+from pipeline.retrieval.metrics import (
     chance_curves,
     chance_metrics,
     recall_curves,
     recall_from_ranks,
     retrieval_ranks,
 )
+from stages.evaluate.experiments import load_saved, report_section
 from stages.evaluate.report import write_report
 from store import open_store
 

@@ -10,7 +10,7 @@ import torch
 from pipeline.data.images import load_rgb
 from pipeline.errors import DsmdError
 from pipeline.models.student import load_student
-from stages.evaluate.index import load_index
+from pipeline.retrieval.index import load_index
 
 
 def search(student_dir: Path, index_dir: Path, *, text: str | None, image: Path | None, top: int) -> list[dict]:

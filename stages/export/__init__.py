@@ -6,7 +6,8 @@ dynamically quantised twins ``*.int8.onnx``, ``text_encoder.pt2`` / ``image_enco
 programs), ``tokenizer.json`` (a `tokenizers` file), ``preprocess.json`` (how text and images are prepared) and
 ``export.json`` (the student's card, files, and the parity figures measured against the PyTorch student).
 
-A bundle (:mod:`stages.export.bundle`) is a directory that answers caption queries with onnxruntime, numpy and
-`tokenizers` alone: the exported text encoder, the image gallery's embeddings (int8 or float16) with their ids
-and paths, and a small ONNX scoring graph. ``runtime`` and ``bundle`` never import torch.
+A bundle (written by :mod:`stages.export.bundle`; format and reader in :mod:`pipeline.retrieval.bundle`) is a
+directory that answers caption queries with onnxruntime, numpy and `tokenizers` alone: the exported text encoder,
+the image gallery's embeddings (int8 or float16) with their ids and paths, and a small ONNX scoring graph.
+``bundle`` never imports torch.
 """

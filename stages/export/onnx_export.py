@@ -31,7 +31,7 @@ from torch import nn
 
 from pipeline.errors import DsmdError
 from pipeline.models.student import Student, load_student, read_card
-from stages.export.runtime import (
+from pipeline.retrieval.runtime import (
     PREPROCESS_FILE,
     TOKENIZER_FILE,
     ImageEncoder,
@@ -201,7 +201,7 @@ def _encode_each_and_together(encode, items: list) -> np.ndarray:
 
 def check_parity(student: Student, out_dir: Path, texts: list[str], images: list, threads: int = 0) -> dict:
     """Min cosine of every exported file against the PyTorch student, on ``texts`` and ``images``."""
-    from stages.export.runtime import read_json
+    from pipeline.retrieval.runtime import read_json
 
     preprocess = read_json(out_dir / PREPROCESS_FILE, "export again")
     # The shipped tokenizer must give the student's ids exactly; otherwise cosines would hide the cause.

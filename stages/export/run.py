@@ -44,7 +44,7 @@ def check_inputs(ds: CanonicalDataset, split: str, n_texts: int, n_images: int) 
 
 def gallery_vectors(index_dir: Path, student_dir: Path, ds: CanonicalDataset, batch_size: int):
     """(vectors, ids, paths, meta) of a saved image index; approximate indexes are encoded again."""
-    from stages.evaluate.index import ExactIndex, load_index
+    from pipeline.retrieval.index import ExactIndex, load_index
 
     index = load_index(index_dir)
     if isinstance(index, ExactIndex):
@@ -79,7 +79,7 @@ def run_export(
     n_texts: int = 64,
     n_images: int = 16,
 ) -> dict[str, Any]:
-    from stages.export.bundle import ENCODERS, STORAGES
+    from pipeline.retrieval.bundle import ENCODERS, STORAGES
 
     if storage not in STORAGES or encoder not in ENCODERS:
         raise DsmdError(f"export: --storage must be one of {STORAGES} and --encoder one of {ENCODERS}")

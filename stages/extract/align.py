@@ -1,4 +1,5 @@
-"""MCAD's fixed linear alignment from a single-stream teacher's fused space into a dual-stream teacher's space.
+"""MCAD's fixed linear alignment from a single-stream teacher's fused space into a dual-stream teacher's space:
+the least-squares fit. How a map is named, saved and loaded is shared with distill: pipeline/alignment.py.
 
 Our formulation (METHOD.md, "MCAD"; the choices below are ours):
 - the map W (d_fused x d_dual) is fitted once, by least squares over the training pairs k whose fused row and
@@ -10,48 +11,22 @@ Our formulation (METHOD.md, "MCAD"; the choices below are ours):
 - at training time the aligned feature is normalize(f W) (see stages/distill/mcad.py), so beta weighs a unit
   vector against the unit teacher features whatever the scale of the fit.
 The normal equations are accumulated in float64 over chunks, so the fit streams through any number of pairs
-in O(d^2) memory. numpy only (the training data loaders use it without torch).
+in O(d^2) memory. numpy only.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.alignment import LinearFit, alignment_inputs, alignment_name, save_alignment, stale_reason
 from pipeline.errors import DsmdError
 from store.errors import StoreError
-from store.extras import get_extra, has_extra, put_extra
-from store.layout import stable_provenance
+from store.extras import get_extra, has_extra
 
-__all__ = [
-    "TARGET",
-    "LinearFit",
-    "fit_linear_map",
-    "alignment_name",
-    "alignment_inputs",
-    "pair_rows",
-    "fit_alignment",
-    "save_alignment",
-    "load_alignment",
-    "ensure_alignment",
-]
-
-TARGET = "(t_v(image) + t_t(caption)) / 2 of the dual-stream teacher, per training pair"
-MAP_USE = "aligned = normalize(fused @ W); W has shape (d_fused, d_dual)"
-
-
-@dataclass(frozen=True)
-class LinearFit:
-    weight: np.ndarray  # (d_in, d_out) float64
-    rows: int
-    rank: int  # numerical rank of the (regularised) normal matrix
-    r2: float  # 1 - SSE / SST, SST about the column means of Y
+__all__ = ["fit_linear_map", "pair_rows", "fit_alignment", "ensure_alignment"]
 
 
 def fit_linear_map(chunks: Iterable[tuple[np.ndarray, np.ndarray]], ridge: float = 0.0) -> LinearFit:
@@ -83,30 +58,6 @@ def fit_linear_map(chunks: Iterable[tuple[np.ndarray, np.ndarray]], ridge: float
     sst = y_sq - float((y_sum * y_sum).sum()) / rows
     r2 = 1.0 - max(sse, 0.0) / sst if sst > 0 else 1.0
     return LinearFit(weight=weight, rows=rows, rank=int(rank), r2=r2)
-
-
-def alignment_name(fused_teacher: str, dual_teacher: str) -> str:
-    """The store extra that holds the map from `fused_teacher`/pair into `dual_teacher`'s space."""
-    return f"mcad-align--{fused_teacher}--{dual_teacher}"
-
-
-def _digest(data: dict) -> str:
-    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
-
-
-def alignment_inputs(reader, fused_teacher: str, dual_teacher: str, split: str, ridge: float) -> dict:
-    """What the fit depends on: the three arrays' provenance digests, the split and the ridge."""
-    return {
-        "fused_teacher": fused_teacher,
-        "dual_teacher": dual_teacher,
-        "fused_pair_provenance_sha256": _digest(stable_provenance(reader.provenance(fused_teacher, "pair"))),
-        "dual_image_provenance_sha256": _digest(stable_provenance(reader.provenance(dual_teacher, "image"))),
-        "dual_text_provenance_sha256": _digest(stable_provenance(reader.provenance(dual_teacher, "text"))),
-        "split": split,
-        "ridge": ridge,
-        "target": TARGET,
-        "map": MAP_USE,
-    }
 
 
 def pair_rows(reader, ds, fused_teacher: str, dual_teacher: str, split: str = "train") -> np.ndarray:
@@ -156,58 +107,6 @@ def _require(reader, teacher: str, kinds: tuple[str, ...]) -> None:
             )
 
 
-def save_alignment(store_path: str | Path, fit: LinearFit, inputs: dict, dataset_fingerprint: str) -> Path:
-    provenance = {
-        "kind": "mcad-alignment",
-        **inputs,
-        "rows": fit.rows,
-        "rank": fit.rank,
-        "r2": fit.r2,
-        "created_at": datetime.now(UTC).isoformat(timespec="seconds"),
-    }
-    name = alignment_name(inputs["fused_teacher"], inputs["dual_teacher"])
-    return put_extra(
-        store_path, name, fit.weight.astype(np.float32), dataset_fingerprint=dataset_fingerprint, provenance=provenance
-    )
-
-
-def _stale_reason(stored: dict, inputs: dict) -> str | None:
-    for key, value in inputs.items():
-        if stored.get(key) != value:
-            return f"{key} changed ({stored.get(key)!r} when it was fitted, {value!r} now)"
-    return None
-
-
-def load_alignment(
-    store_path: str | Path,
-    fused_teacher: str,
-    dual_teacher: str,
-    *,
-    dataset_fingerprint: str,
-    reader=None,
-    split: str | None = None,
-    ridge: float | None = None,
-) -> np.ndarray:
-    """The stored map (float32, d_fused x d_dual). With a reader, refuse a map fitted on other features
-    (or, when split / ridge are given, with other settings): rerun `dsmd extract-pairs` to refit it."""
-    name = alignment_name(fused_teacher, dual_teacher)
-    try:
-        extra = get_extra(store_path, name, dataset_fingerprint=dataset_fingerprint)
-    except StoreError as exc:
-        raise DsmdError(f"{exc}. Run dsmd extract-pairs to fit the MCAD alignment maps") from None
-    if reader is not None:
-        stored = extra.provenance
-        inputs = alignment_inputs(
-            reader, fused_teacher, dual_teacher,
-            stored.get("split") if split is None else split,
-            stored.get("ridge") if ridge is None else ridge,
-        )
-        reason = _stale_reason(stored, inputs)
-        if reason is not None:
-            raise DsmdError(f"{store_path}: the alignment {name} is out of date: {reason}; rerun dsmd extract-pairs")
-    return extra.value.astype(np.float32, copy=False)
-
-
 def ensure_alignment(
     store_path: str | Path, reader, ds, fused_teacher: str, dual_teacher: str, *, split: str = "train",
     ridge: float = 0.0,
@@ -220,7 +119,7 @@ def ensure_alignment(
             stored = get_extra(store_path, name, dataset_fingerprint=ds.fingerprint)
         except StoreError:
             stored = None  # damaged or another dataset: fit again
-        if stored is not None and _stale_reason(stored.provenance, inputs) is None:
+        if stored is not None and stale_reason(stored.provenance, inputs) is None:
             return None, stored.provenance
     fit = fit_alignment(reader, ds, fused_teacher, dual_teacher, split=split, ridge=ridge)
     save_alignment(store_path, fit, inputs, ds.fingerprint)

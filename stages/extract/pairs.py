@@ -26,8 +26,9 @@ import torch.nn.functional as F
 
 from pipeline.config import Config
 from pipeline.console import console, make_progress
-from pipeline.data.canonical import SPLITS, CanonicalDataset
+from pipeline.data.canonical import CanonicalDataset
 from pipeline.data.check import load_bad_images
+from pipeline.data.rows import SPLITS
 from pipeline.errors import DsmdError
 from pipeline.models.teachers import Teacher, load_teacher, resolve_device, resolve_precision
 from stages.extract.align import ensure_alignment

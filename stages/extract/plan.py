@@ -13,7 +13,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from pipeline.config import Config
-from pipeline.data.canonical import SPLITS, CanonicalDataset
+from pipeline.data.canonical import CanonicalDataset
+from pipeline.data.rows import SPLITS
 from pipeline.errors import DsmdError
 from store import FeatureStore
 

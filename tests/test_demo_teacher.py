@@ -12,11 +12,11 @@ from typer.testing import CliRunner
 
 from pipeline.config import DataConfig, DemoConfig, load_config
 from pipeline.data.canonical import CanonicalDataset, prepare_dataset
-from pipeline.data.shapes import generate_shapes
 from pipeline.errors import DsmdError
 from pipeline.models.beit3 import read_checkpoint, read_config_json
-from pipeline.models.demo_teacher import encode_split, fit_demo_teacher
 from pipeline.models.teachers import BEiT3Teacher, load_teacher
+from stages.demo.shapes import generate_shapes
+from stages.demo.teacher import encode_split, fit_demo_teacher
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -82,8 +82,9 @@ def test_fit_refuses_a_named_size(tmp_path, canonical):
         fit_demo_teacher(cfg, CanonicalDataset.load(canonical))
 
 
-def test_cli_fit_demo_reports_recall_and_chance(tmp_path, canonical):
-    from pipeline.models.cli import register
+def test_cli_demo_teacher_reports_recall_and_chance(tmp_path, canonical):
+    from pipeline.models.cli import register as register_teacher
+    from stages.demo.cli import register as register_demo
 
     app = typer.Typer()
 
@@ -91,9 +92,10 @@ def test_cli_fit_demo_reports_recall_and_chance(tmp_path, canonical):
     def root(ctx: typer.Context, overrides: list[str] = typer.Option([], "--set")) -> None:
         ctx.obj = {"params": tmp_path / "absent.yaml", "overrides": list(overrides)}
 
-    register(app)
+    register_demo(app)
+    register_teacher(app)
     args = [arg for o in tiny_overrides(canonical, tmp_path) for arg in ("--set", o)]
-    result = CliRunner().invoke(app, [*args, "teacher", "fit-demo"])
+    result = CliRunner().invoke(app, [*args, "demo", "teacher"])
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "demo_teacher_fit.json").read_text())
     assert report["split"] == "test" and set(report["recall"]) == set(report["chance"])
@@ -113,7 +115,7 @@ def _second_overrides(out: Path, name: str = "small") -> list[str]:
 
 
 def test_second_teacher_is_fitted_with_its_own_size_and_seed(tmp_path, canonical):
-    from pipeline.models.demo_teacher import second_teacher_config
+    from stages.demo.teacher import second_teacher_config
 
     cfg = load_config(None, [*tiny_overrides(canonical, tmp_path), *_second_overrides(tmp_path)])
     second = second_teacher_config(cfg)

@@ -8,9 +8,9 @@ import pytest
 from data_helpers import data_config
 
 from pipeline.config import DemoConfig
-from pipeline.data import shapes
 from pipeline.data.canonical import prepare_dataset
 from pipeline.data.images import load_rgb
+from stages.demo import shapes
 
 
 def small_config(out_dir, **overrides) -> DemoConfig:

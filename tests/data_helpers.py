@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import io
 import json
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -60,3 +62,18 @@ def data_config(tmp_path: Path, source: Path, root: Path | None = None, **settin
 def small_images(root: Path, names: list[str]) -> None:
     for index, name in enumerate(names):
         write_png(root / name, colour=(index * 20 % 256, 50, 90))
+
+
+def write_png_header(path: Path, width: int, height: int, bit_depth: int = 8, colour_type: int = 2) -> Path:
+    """A PNG whose header claims ``width`` x ``height`` pixels but whose data is empty: decoding it would fail,
+    so a reason other than a decode failure shows that the file was judged from its header alone."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    header = struct.pack(">IIBBBBB", width, height, bit_depth, colour_type, 0, 0, 0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+    return path

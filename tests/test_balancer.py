@@ -87,6 +87,41 @@ def test_the_slowest_falling_loss_gets_the_most_weight():
     assert sum(w.values()) == pytest.approx(3.0)
 
 
+def test_three_periods_magnitudes_from_the_last_and_rates_from_the_last_two():
+    balancer = DynamicBalancer(NAMES)
+    periods = [
+        [(8.0, 2.0, 1.0), (4.0, 2.0, 3.0)],  # means 6, 2, 2
+        [(3.0, 1.0, 2.0), (3.0, 3.0, 2.0)],  # means 3, 2, 2
+        [(1.5, 1.0, 4.0), (1.5, 0.5, 4.0)],  # means 1.5, 0.75, 4
+    ]
+    for batches in periods[:2]:
+        for values in batches:
+            balancer(losses(*values))
+        assert balancer.end_epoch()
+    balancer(losses(7.0, 7.0, 7.0))
+    # After two periods: a from period 2 (max 3 over 3, 2, 2), r = period 2 / period 1.
+    assert balancer.magnitudes == pytest.approx({"cd": 1.0, "fd": 1.5, "hnd": 1.5})
+    assert balancer.rates == pytest.approx({"cd": 0.5, "fd": 1.0, "hnd": 1.0})
+
+    balancer = DynamicBalancer(NAMES)
+    for batches in periods:
+        for values in batches:
+            balancer(losses(*values))
+        assert balancer.end_epoch()
+    total = balancer(losses(1.0, 2.0, 0.5))
+    # a from period 3 only: max 4 over 1.5, 0.75, 4 (period 2 would give 1, 1.5, 1.5; period 1 1, 3, 3).
+    a = {"cd": 4 / 1.5, "fd": 4 / 0.75, "hnd": 1.0}
+    assert balancer.magnitudes == pytest.approx(a)
+    # r = period 3 / period 2 (over period 1, cd would be 0.25).
+    r = {"cd": 0.5, "fd": 0.375, "hnd": 2.0}
+    assert balancer.rates == pytest.approx(r)
+    exps = {n: math.exp(r[n]) for n in NAMES}  # T = 1
+    w = {n: 3 * exps[n] / sum(exps.values()) for n in NAMES}
+    assert balancer.weights == pytest.approx(w)
+    raw = {"cd": 1.0, "fd": 2.0, "hnd": 0.5}
+    assert total.item() == pytest.approx(sum(w[n] * a[n] * raw[n] for n in NAMES))
+
+
 def test_weights_sum_to_m_over_many_periods():
     balancer = DynamicBalancer(NAMES)
     g = torch.Generator().manual_seed(0)
@@ -201,6 +236,32 @@ def test_state_round_trip_continues_identically():
     assert second.weights == first.weights
     t1, t2 = first(losses(1.0, 1.0, 1.0)), second(losses(1.0, 1.0, 1.0))
     assert t1.item() == pytest.approx(t2.item())
+
+
+def test_state_round_trip_mid_step_period_closes_at_the_same_step():
+    # Period = 3 optimiser steps; the state is saved two steps into the second period.
+    values = [(4.0, 2.0, 1.0), (2.0, 2.0, 3.0), (3.0, 5.0, 2.0)]  # means 3, 3, 2
+    values += [(1.0, 3.0, 2.0), (2.0, 1.0, 1.0), (3.0, 2.0, 0.5)]  # means 2, 2, 7/6
+    values += [(1.0, 1.0, 1.0), (0.5, 2.0, 1.5), (1.5, 1.5, 0.5)]  # means 1, 1.5, 1
+    uninterrupted = DynamicBalancer(NAMES, period="3")
+    trace = []
+    for step, batch in enumerate(values):
+        total = uninterrupted(losses(*batch)).item()
+        trace.append((total, uninterrupted.end_step(), uninterrupted.weights))
+        if step == 4:
+            state = uninterrupted.state_dict()
+    assert [closed for _, closed, _ in trace] == [False, False, True] * 3
+
+    resumed = DynamicBalancer(NAMES, period="3")
+    resumed.load_state_dict(torch.load(_saved(state), weights_only=True))
+    for step in range(5, len(values)):
+        total = resumed(losses(*values[step])).item()
+        expected_total, expected_closed, expected_weights = trace[step]
+        assert resumed.end_step() == expected_closed, f"step {step}"
+        assert total == pytest.approx(expected_total)
+        assert resumed.weights == pytest.approx(expected_weights)
+    assert resumed.history == [pytest.approx([2.0, 2.0, 7 / 6]), pytest.approx([1.0, 1.5, 1.0])]
+    assert resumed.rates == pytest.approx({"cd": 0.5, "fd": 0.75, "hnd": 6 / 7})
 
 
 def _saved(state: dict):

@@ -1,5 +1,6 @@
 """The canonical dataset: dense ids, split queries, save/load, fingerprint, path checks, reuse."""
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -222,3 +223,23 @@ def test_stale_check_results_are_removed_when_content_changes(setup):
     write_karpathy(source, entries)
     prepare_dataset(cfg)
     assert not stale.exists()
+
+
+@pytest.mark.parametrize("below", ["", "sub"])
+def test_canonical_dir_that_is_a_file_is_refused_before_the_source_is_read(setup, below):
+    tmp_path, _ = setup
+    in_the_way = tmp_path / "taken"
+    in_the_way.write_text("not a directory")
+    broken = tmp_path / "broken.json"
+    broken.write_text('{"images": [}')  # reading it would fail with another message
+    cfg = dataclasses.replace(
+        data_config(tmp_path, broken), canonical_dir=str(in_the_way / below if below else in_the_way)
+    )
+    with pytest.raises(DsmdError) as info:
+        prepare_dataset(cfg)
+    message = str(info.value)
+    assert f"data.canonical_dir {cfg.canonical_dir!r}" in message and "not a directory" in message
+    assert "set data.canonical_dir to a directory path" in message
+    if below:
+        assert f"lies under {str(in_the_way)!r}, which is a file" in message
+    assert in_the_way.read_text() == "not a directory"

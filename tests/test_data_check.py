@@ -4,7 +4,15 @@ import json
 
 import pyarrow.parquet as pq
 import pytest
-from data_helpers import data_config, jpeg_bytes, karpathy_entry, write_karpathy, write_png, write_truncated_jpeg
+from data_helpers import (
+    data_config,
+    jpeg_bytes,
+    karpathy_entry,
+    write_karpathy,
+    write_png,
+    write_png_header,
+    write_truncated_jpeg,
+)
 
 from pipeline.data.canonical import CanonicalDataset, prepare_dataset
 from pipeline.data.check import check_dataset, load_bad_images
@@ -96,3 +104,16 @@ def test_all_good_dataset(tmp_path):
     report = check_dataset(prepare_dataset(data_config(tmp_path, source)), workers=1, progress=False)
     assert report.bad_images == [] and report.caption_warnings == []
     assert load_bad_images(tmp_path / "canonical") == {}
+
+
+def test_image_too_large_to_decode_is_recorded_as_bad_without_decoding(tmp_path):
+    root = tmp_path / "images"
+    write_png(root / "a.png")
+    write_png_header(root / "huge16.png", 9400, 9400, bit_depth=16, colour_type=0)
+    entries = [karpathy_entry("a.png", "test", ["x"], imgid=0), karpathy_entry("huge16.png", "test", ["y"], imgid=1)]
+    ds = prepare_dataset(data_config(tmp_path, write_karpathy(tmp_path / "k.json", entries)))
+    # A decode budget smaller than one image: each then decodes alone, and the check still finishes.
+    report = check_dataset(ds, workers=4, progress=False, decode_memory=1)
+    reason = "too large to decode: 9400 x 9400 pixels of mode I;16 need about 506 MiB (limit 384 MiB)"
+    assert [(b.image_id, b.reason) for b in report.bad_images] == [(1, reason)]
+    assert load_bad_images(tmp_path / "canonical") == {1: reason}

@@ -1,14 +1,26 @@
 """load_rgb: every bad-file kind gives its own reason; every pixel mode converts to the hand-computed RGB."""
 
 import struct
+import threading
+import time
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
-from data_helpers import jpeg_bytes, write_png, write_truncated_jpeg
+from data_helpers import jpeg_bytes, write_png, write_png_header, write_truncated_jpeg
 from PIL import Image
 
-from pipeline.data.images import BadImageError, load_rgb, to_rgb
+from pipeline.data import images
+from pipeline.data.images import (
+    DEFAULT_MAX_DECODE_BYTES,
+    DEFAULT_MAX_PIXELS,
+    BadImageError,
+    DecodeMemory,
+    decode_cost,
+    load_rgb,
+    to_rgb,
+)
 from pipeline.errors import DsmdError
 
 
@@ -152,3 +164,93 @@ def test_returned_image_is_independent_of_the_file(tmp_path):
     image = load_rgb(path)
     path.unlink()
     assert image.getpixel((0, 0)) == (5, 6, 7)
+
+
+# ------------------------------------------------------------------------------------------ decoding cost
+
+
+def test_decode_cost_is_decoded_pixels_plus_the_rgb_result():
+    # Pillow's storage per pixel (1 for L/P, 2 for 16-bit grey, 4 for the rest) plus 4 for the RGB result.
+    assert decode_cost("RGB", (640, 480)) == 640 * 480 * (4 + 4)
+    assert decode_cost("L", (500, 375)) == 500 * 375 * (1 + 4)
+    assert decode_cost("P", (10, 10)) == 10 * 10 * (1 + 4)
+    assert decode_cost("I;16", (9400, 9400)) == decode_cost("I;16B", (9400, 9400)) == 88_360_000 * (2 + 4)
+    assert decode_cost("I", (3, 3)) == decode_cost("CMYK", (3, 3)) == decode_cost("RGBA", (3, 3)) == 9 * 8
+
+
+@pytest.mark.parametrize(
+    "size",
+    [(500, 375), (640, 480), (4032, 3024), (6000, 4000), (8688, 5792)],  # Flickr30k, COCO, phone, 24 MP, 50 MP
+)
+def test_ordinary_photos_fit_the_default_decode_budget(size):
+    for mode in ("RGB", "L", "CMYK"):
+        assert decode_cost(mode, size) <= DEFAULT_MAX_DECODE_BYTES
+
+
+def test_huge_sixteen_bit_png_under_the_pixel_limit_is_refused_from_its_header(tmp_path):
+    path = write_png_header(tmp_path / "huge16.png", 9400, 9400, bit_depth=16, colour_type=0)
+    assert 9400 * 9400 <= DEFAULT_MAX_PIXELS
+    assert reason_for(path) == "too large to decode: 9400 x 9400 pixels of mode I;16 need about 506 MiB (limit 384 MiB)"
+    # A budget it fits goes on to decode, and finds the missing data.
+    assert not reason_for(path, max_decode_bytes=600 * 2**20).startswith("too large")
+
+
+@pytest.fixture
+def tiny_strips(monkeypatch):
+    monkeypatch.setattr(images, "_STRIP_PIXELS", 7)
+
+
+@pytest.mark.parametrize("mode", ["RGBA", "LA", "CMYK", "I;16", "I;16B", "I", "P"])
+def test_conversion_in_strips_equals_the_whole(tiny_strips, mode):
+    # 7-pixel strips of a 3-pixel-wide image are 2 rows high: 11 rows make 6 strips, the last one short.
+    rng = np.random.default_rng(1)
+    if mode in ("I;16", "I;16B", "I"):
+        values = rng.integers(-10 if mode == "I" else 0, 70000 if mode == "I" else 65536, (11, 3))
+        dtype = {"I;16": "<u2", "I;16B": ">u2", "I": "<i4"}[mode]
+        image = Image.frombytes(mode, (3, 11), values.astype(dtype).tobytes())
+        expected = (np.clip(values, 0, 65535) * 255 + 32767) // 65535
+        expected = np.repeat(expected[..., None], 3, axis=2)
+    else:
+        bands = len(Image.new(mode, (1, 1)).getbands())
+        image = Image.frombytes(mode, (3, 11), rng.integers(0, 256, (11, 3, bands), dtype=np.uint8).tobytes())
+        if mode == "P":
+            image.putpalette(rng.integers(0, 256, 768, dtype=np.uint8).tobytes())
+            image.info["transparency"] = int(np.asarray(image)[0, 0])
+        expected = np.asarray(to_rgb_whole(image))
+    converted = to_rgb(image)
+    assert converted.mode == "RGB" and converted.size == (3, 11)
+    assert np.array_equal(np.asarray(converted), expected)
+
+
+def to_rgb_whole(image):
+    """The same conversion with one strip for the whole image."""
+    previous = images._STRIP_PIXELS
+    images._STRIP_PIXELS = 1 << 20
+    try:
+        return to_rgb(image)
+    finally:
+        images._STRIP_PIXELS = previous
+
+
+def test_decode_memory_bounds_what_runs_at_once():
+    memory = DecodeMemory(limit=100)
+    running, peak_small, big_alone = [0], [0], []
+    lock = threading.Lock()
+
+    def decode(cost):
+        with memory.hold(cost):
+            with lock:
+                running[0] += cost
+                if cost > memory.limit:
+                    big_alone.append(running[0] == cost)
+                else:
+                    peak_small[0] = max(peak_small[0], running[0])
+            time.sleep(0.05)
+            with lock:
+                running[0] -= cost
+
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        list(pool.map(decode, [40] * 6 + [150] + [40] * 6))
+    assert peak_small[0] == 80  # two 40s side by side, never three (120 > 100), though eight threads wait
+    assert big_alone == [True]  # larger than the whole limit: it ran, and alone
+    assert memory.in_use == 0

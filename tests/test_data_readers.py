@@ -369,3 +369,35 @@ def test_missing_source_and_root(tmp_path, root):
     assert "data.source" in prepare_error(data_config(tmp_path, tmp_path / "nope.json"))
     source = write_karpathy(tmp_path / "k.json", [karpathy_entry("a.jpg", "train", ["x"], imgid=0)])
     assert "data.images_root" in prepare_error(data_config(tmp_path, source, root=tmp_path / "no_images"))
+
+
+def _with_latin1_byte(lines: list[str], bad_line: int, newline: str = "\n") -> bytes:
+    """UTF-8 text whose line ``bad_line`` (from 1) holds a Latin-1 'é' (byte 0xe9) after 'caf'."""
+    data = [line.encode() for line in lines]
+    data[bad_line - 1] = data[bad_line - 1].replace(b"cafe", b"caf\xe9", 1)
+    return newline.encode().join(data) + newline.encode()
+
+
+@pytest.mark.parametrize("newline", ["\n", "\r\n", "\r"])
+def test_csv_not_utf8_names_the_line_of_the_bad_byte(tmp_path, root, newline):
+    # Far more than one decoding block (8 KiB) before the bad byte: the reader's own line count lags behind.
+    lines = ["image,caption,split"] + [f"a.jpg,caption {n} of a cafe in town,train" for n in range(2, 601)]
+    source = tmp_path / "t.csv"
+    source.write_bytes(_with_latin1_byte(lines, 500, newline))
+    message = prepare_error(data_config(tmp_path, source))
+    assert message.startswith(f"{source}, line 500, column 27: not UTF-8 text (byte 0xe9")
+    assert "save the file as UTF-8" in message
+
+
+def test_csv_header_not_utf8(tmp_path, root):
+    source = tmp_path / "t.csv"
+    source.write_bytes(_with_latin1_byte(["image,cafe,split", "a.jpg,x,train"], 1))
+    assert prepare_error(data_config(tmp_path, source)).startswith(f"{source}, line 1, column 10: not UTF-8")
+
+
+def test_jsonl_not_utf8_is_one_error_naming_the_line(tmp_path, root):
+    rows = [json.dumps({"image": "a.jpg", "caption": f"cafe number {n}", "split": "train"}) for n in range(1, 401)]
+    source = tmp_path / "t.jsonl"
+    source.write_bytes(_with_latin1_byte(rows, 321))
+    message = prepare_error(data_config(tmp_path, source))
+    assert message.startswith(f"{source}, line 321, column 35: not UTF-8 text (byte 0xe9")

@@ -137,6 +137,17 @@ def test_fd_hand_computed():
     assert out["fd"].item() == pytest.approx(0.3)
 
 
+def test_fd_hand_computed_for_both_modalities():
+    # Student and teacher differ in both modalities, by amounts whose L1 and L2 (MSE) means differ.
+    s_v, t_v = tensor([[0.5, -0.5], [2, 0], [1, 1]]), tensor([[0, 0], [0, 0], [1, 1]])
+    s_t, t_t = tensor([[1, 0], [0, 1], [0, 0]]), tensor([[0.5, 0.5], [0, 0.75], [-1, 0]])
+    out = FeatureDistillation()(s_v, s_t, t_v, t_t)
+    # Image: (0.5 + 0.5 + 2 + 0 + 0 + 0) / 6 elements; text: (0.5 + 0.5 + 0 + 0.25 + 1 + 0) / 6.
+    assert out["fd_v"].item() == pytest.approx(3.0 / 6)
+    assert out["fd_t"].item() == pytest.approx(2.25 / 6)
+    assert out["fd"].item() == pytest.approx(5.25 / 6)
+
+
 def test_sd_hand_computed_and_scale_free():
     s_v, t_v = tensor([[2, 0], [0, 1]]), tensor([[0.6, 0.8], [0, 1]])
     s_t, t_t = tensor([[1, 0], [1, 0]]), tensor([[0, 1], [-1, 0]])

@@ -240,8 +240,7 @@ class CanonicalDataset:
 
     def save(self, directory: str | Path) -> Path:
         """Write the three files. dataset.json goes last, so a crash leaves a directory load() refuses."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
+        directory = _make_directory(Path(directory))
         previous = _read_card(directory) if (directory / CARD_FILE).exists() else None
         _write_atomic(directory / IMAGES_FILE, lambda p: pq.write_table(self.images, p))
         _write_atomic(directory / CAPTIONS_FILE, lambda p: pq.write_table(self.captions, p))
@@ -284,6 +283,31 @@ class CanonicalDataset:
                 "interrupted write); rerun `dsmd data prepare`"
             )
         return dataset
+
+
+def _refuse_file_in_the_way(directory: Path) -> None:
+    """A file where the canonical directory (or one of its parents) should be is refused in one line."""
+    for path in (directory, *directory.parents):
+        if path.exists():
+            if not path.is_dir():
+                what = "is a file" if path == directory else f"lies under {str(path)!r}, which is a file"
+                raise DsmdError(
+                    f"data.canonical_dir {str(directory)!r} {what}, not a directory; set data.canonical_dir "
+                    "to a directory path (or move the file away)"
+                )
+            return
+
+
+def _make_directory(directory: Path) -> Path:
+    _refuse_file_in_the_way(directory)
+    try:
+        directory.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DsmdError(
+            f"data.canonical_dir {str(directory)!r}: cannot create it ({exc.strerror or exc}); set "
+            "data.canonical_dir to a writable directory"
+        ) from None
+    return directory
 
 
 def _write_atomic(path: Path, write) -> None:
@@ -371,6 +395,7 @@ def _checked_inputs(cfg: Any) -> tuple[Path, Path, str]:
 def prepare_dataset(cfg: Any) -> CanonicalDataset:
     """Read ``cfg.source`` (a `DataConfig`), check every row and write the canonical directory."""
     source, root, fmt = _checked_inputs(cfg)
+    _refuse_file_in_the_way(Path(cfg.canonical_dir))  # before reading a source that may take minutes
     builder = SourceBuilder(source=source, images_root=root)
     if fmt == "karpathy":
         karpathy.read_karpathy(source, builder)

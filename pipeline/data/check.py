@@ -21,13 +21,16 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.data.canonical import BAD_IMAGES_FILE, CARD_FILE, CHECK_REPORT_FILE, CanonicalDataset
-from pipeline.data.images import DEFAULT_MAX_PIXELS, BadImageError, load_rgb
+from pipeline.data.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, BadImageError, DecodeMemory, load_rgb
 from pipeline.errors import DsmdError
 
 __all__ = ["BadImage", "CaptionWarning", "CheckReport", "check_dataset", "load_bad_images", "caption_warnings"]
 
 # Teachers truncate captions at 64 tokens; a caption of more words than that is certainly cut.
 LONG_CAPTION_WORDS = 64
+# Decodes running at once may hold this much between them (by `decode_cost`): eight threads of ordinary photos
+# run side by side, while a few very large images in a row decode a handful at a time instead of all eight.
+DEFAULT_DECODE_MEMORY = 2 * 2**30
 _BAD_SCHEMA = pa.schema([("image_id", pa.int64()), ("path", pa.string()), ("reason", pa.string())])
 
 
@@ -129,11 +132,11 @@ def caption_warnings(dataset: CanonicalDataset, long_words: int = LONG_CAPTION_W
 
 
 def _scan_images(
-    dataset: CanonicalDataset, workers: int, max_pixels: int, progress: bool
+    dataset: CanonicalDataset, workers: int, limits: dict, progress: bool
 ) -> Iterator[tuple[int, str | None]]:
     def check_one(image_id: int) -> tuple[int, str | None]:
         try:
-            load_rgb(dataset.image_path(image_id), max_pixels=max_pixels)
+            load_rgb(dataset.image_path(image_id), **limits)
         except BadImageError as exc:
             return image_id, exc.reason
         except DsmdError as exc:  # the path now leaves the root (a symlink changed since prepare)
@@ -160,12 +163,18 @@ def check_dataset(
     write: bool = True,
     long_words: int = LONG_CAPTION_WORDS,
     max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+    decode_memory: int = DEFAULT_DECODE_MEMORY,
 ) -> CheckReport:
-    """Decode every image and inspect every caption. With ``write``, store the results in the dataset's dir."""
+    """Decode every image and inspect every caption. With ``write``, store the results in the dataset's dir.
+
+    ``decode_memory`` bounds the memory of the decodes running at once (see `DecodeMemory`).
+    """
     workers = workers or min(8, os.cpu_count() or 1)
+    limits = {"max_pixels": max_pixels, "max_decode_bytes": max_decode_bytes, "memory": DecodeMemory(decode_memory)}
     bad = [
         BadImage(image_id, dataset.image_relpath(image_id), reason)
-        for image_id, reason in _scan_images(dataset, workers, max_pixels, progress)
+        for image_id, reason in _scan_images(dataset, workers, limits, progress)
         if reason is not None
     ]
     with_captions = np.zeros(dataset.num_images, dtype=bool)

@@ -14,7 +14,9 @@ from __future__ import annotations
 
 import csv
 import json
+import re
 from collections.abc import Iterator
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
@@ -36,18 +38,52 @@ def _missing_column(source: Path, column: str, setting: str, found: list[str]) -
     )
 
 
+def _not_utf8(source: Path, first: UnicodeDecodeError) -> DsmdError:
+    """The error for a file that is not UTF-8, naming the line and column of its first bad byte.
+
+    Text readers decode blocks of several kilobytes, so the line a reader had reached when decoding failed can
+    lie hundreds of lines before the bad byte: the raw bytes are scanned again to find it. Lines are counted as
+    the readers count them (a line ends at LF, CR LF or a lone CR).
+    """
+    breaks = re.compile(rb"\r\n|\r|\n")
+    line = 1
+    with source.open("rb") as handle:
+        for raw in handle:  # binary lines end at LF, a byte that never occurs inside a UTF-8 sequence
+            try:
+                raw.decode("utf-8")
+            except UnicodeDecodeError as exc:
+                ends = list(breaks.finditer(raw, 0, exc.start))
+                start = ends[-1].end() if ends else 0
+                column = len(raw[start : exc.start].decode("utf-8")) + 1
+                return DsmdError(
+                    f"{source}, line {line + len(ends)}, column {column}: not UTF-8 text (byte "
+                    f"0x{raw[exc.start]:02x}: {exc.reason}); save the file as UTF-8"
+                )
+            line += len(breaks.findall(raw))
+    return DsmdError(f"{source}: not UTF-8 text ({first.reason}); save the file as UTF-8")
+
+
+def _text_lines(source: Path, encoding: str) -> Iterator[str]:
+    """The lines of a text file, ends kept; a byte that is not UTF-8 becomes an error naming its line."""
+    with source.open("r", encoding=encoding, newline="") as handle:
+        try:
+            yield from handle
+        except UnicodeDecodeError as exc:
+            raise _not_utf8(source, exc) from None
+
+
 def _iter_csv(source: Path, wanted: list[str]) -> tuple[list[str], Iterator[tuple[str, dict]]]:
     delimiter = "\t" if source.suffix.lower() == ".tsv" else ","
-    handle = source.open("r", encoding="utf-8-sig", newline="")
-    reader = csv.DictReader(handle, delimiter=delimiter)
+    lines = _text_lines(source, "utf-8-sig")
+    reader = csv.DictReader(lines, delimiter=delimiter)
     try:
         columns = list(reader.fieldnames or [])
-    except (csv.Error, UnicodeDecodeError) as exc:
-        handle.close()
+    except csv.Error as exc:
+        lines.close()
         raise DsmdError(f"{source}, line 1: cannot read the CSV header ({exc})") from None
 
     def rows() -> Iterator[tuple[str, dict]]:
-        with handle:
+        with closing(lines):
             while True:
                 try:
                     record = next(reader)
@@ -55,8 +91,6 @@ def _iter_csv(source: Path, wanted: list[str]) -> tuple[list[str], Iterator[tupl
                     return
                 except csv.Error as exc:
                     raise DsmdError(f"{source}, line {reader.line_num}: malformed CSV ({exc})") from None
-                except UnicodeDecodeError as exc:
-                    raise DsmdError(f"{source}, near line {reader.line_num}: not UTF-8 text ({exc.reason})") from None
                 where = f"line {reader.line_num}"
                 if None in record:
                     raise DsmdError(
@@ -72,8 +106,8 @@ def _iter_csv(source: Path, wanted: list[str]) -> tuple[list[str], Iterator[tupl
 
 def _iter_jsonl(source: Path, wanted: list[str]) -> tuple[list[str] | None, Iterator[tuple[str, dict]]]:
     def rows() -> Iterator[tuple[str, dict]]:
-        with source.open("r", encoding="utf-8") as handle:
-            for number, line in enumerate(handle, start=1):
+        with closing(_text_lines(source, "utf-8")) as lines:
+            for number, line in enumerate(lines, start=1):
                 if not line.strip():
                     continue
                 where = f"line {number}"

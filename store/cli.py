@@ -82,7 +82,7 @@ def verify(
     dataset: Path | None = typer.Option(None, "--dataset", help="Canonical dataset dir to match fingerprints."),
 ) -> None:
     """Check every shard: completion mark, checksums, finite unit-norm rows, dataset fingerprint."""
-    from store.errors import StoreError
+    from store.errors import StoreError, repair_hint
     from store.info import store_info
     from store.verify import verify_store
 
@@ -102,8 +102,24 @@ def verify(
         )
         return
     console.print(f"[red]{len(report.problems)} problems[/red] in {path}:", highlight=False)
-    for problem in report.problems:
+    for problem in report.store_problems:
         console.print(f"  - {problem}", highlight=False, soft_wrap=True)
+    damaged = [d for d in report.damaged if d.marked]
+    unfinished = [d for d in report.damaged if not d.marked]
+    if damaged:
+        console.print(f"{len(damaged)} damaged shard(s), by file:", highlight=False)
+        for shard in damaged:
+            console.print(f"  - {shard.describe()}", highlight=False, soft_wrap=True)
+    if unfinished:
+        console.print(f"{len(unfinished)} unfinished shard(s) (no completion mark):", highlight=False)
+        for shard in unfinished:
+            console.print(f"  - {shard.describe()}", highlight=False, soft_wrap=True)
+    if damaged:
+        kinds = {shard.kind for shard in damaged}
+        console.print(f"fix: {repair_hint(path, 'pair' if 'pair' in kinds else None)}", highlight=False,
+                      soft_wrap=True)
+    elif unfinished:
+        console.print("fix: rerun `dsmd extract` (and `dsmd extract-pairs`) to finish them", highlight=False)
     raise typer.Exit(1)
 
 

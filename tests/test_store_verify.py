@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 
 from store import FeatureStore, StoreError, open_store
-from store.errors import StoreCorruptError
 from store.convert import convert_store
+from store.errors import StoreCorruptError
 from store.info import store_info
 from store.testing import fill, unit_rows
 from store.verify import verify_store

@@ -82,7 +82,7 @@ def verify(
     dataset: Path | None = typer.Option(None, "--dataset", help="Canonical dataset dir to match fingerprints."),
 ) -> None:
     """Check every shard: completion mark, checksums, finite unit-norm rows, dataset fingerprint."""
-    from store.errors import StoreError, repair_hint
+    from store.errors import StoreError
     from store.info import store_info
     from store.verify import verify_store
 
@@ -115,9 +115,10 @@ def verify(
         for shard in unfinished:
             console.print(f"  - {shard.describe()}", highlight=False, soft_wrap=True)
     if damaged:
-        kinds = {shard.kind for shard in damaged}
-        console.print(f"fix: {repair_hint(path, 'pair' if 'pair' in kinds else None)}", highlight=False,
-                      soft_wrap=True)
+        pairs = any(shard.kind == "pair" for shard in damaged)
+        redo = " (then `dsmd extract-pairs` for pair shards)" if pairs else ""
+        console.print(f"fix: `dsmd extract --repair`{redo} redoes exactly these shards; the others are kept",
+                      highlight=False, soft_wrap=True)
     elif unfinished:
         console.print("fix: rerun `dsmd extract` (and `dsmd extract-pairs`) to finish them", highlight=False)
     raise typer.Exit(1)

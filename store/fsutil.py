@@ -16,6 +16,7 @@ from pathlib import Path
 from store.errors import StoreBusyError, StoreDiskFullError, StoreError, disk_full_message
 
 _BLOCK = 1 << 22
+_LIBRARY_ERRORS = (OSError, RuntimeError, ValueError)
 
 
 def fsync_dir(path: Path) -> None:
@@ -40,10 +41,12 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def is_disk_full(exc: BaseException) -> bool:
-    """ENOSPC or EDQUOT, also when a library (h5py) only says so in its message."""
+    """ENOSPC or EDQUOT, also when a library only says so in its message (h5py raises ValueError or OSError
+    with HDF5's "errno = 28, error message = 'No space left on device'")."""
     if isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return True
-    return isinstance(exc, (OSError, RuntimeError)) and "no space left on device" in str(exc).lower()
+    text = str(exc).lower()
+    return isinstance(exc, _LIBRARY_ERRORS) and ("no space left on device" in text or "disk quota exceeded" in text)
 
 
 @contextlib.contextmanager
@@ -51,7 +54,7 @@ def disk_full_as_store_error(path: Path) -> Iterator[None]:
     """A full disk while writing `path` becomes one line naming it (StoreDiskFullError), not a traceback."""
     try:
         yield
-    except (OSError, RuntimeError) as exc:
+    except _LIBRARY_ERRORS as exc:
         if is_disk_full(exc):
             raise StoreDiskFullError(disk_full_message(path)) from None
         raise

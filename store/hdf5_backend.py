@@ -222,7 +222,8 @@ def _open(path: Path, mode: str) -> h5py.File:
         return h5py.File(path, mode, track_order=False)
     except (OSError, BlockingIOError) as exc:
         text = str(exc)
-        if "lock" in text.lower():
+        # "unable to lock file", not any "lock": a truncated file's message says "sblock->base_addr".
+        if "unable to lock" in text.lower() or isinstance(exc, BlockingIOError):
             raise StoreError(
                 f"{path}: the HDF5 store is open for writing in another process (e.g. another `dsmd extract` or "
                 "`dsmd store convert`; HDF5 allows one writer and no reader while it writes); wait for it to "

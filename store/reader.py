@@ -114,7 +114,7 @@ class _ArrayRows:
         if bad is not None:
             raise corrupt_shard(
                 self._backend.path, self._backend.shard_path(self.teacher, self.kind, shard), self.name, *bad,
-                "do not match the checksum in their completion mark (changed since they were written)",
+                "changed since they were written (their checksum in the completion mark does not match)",
             )
         self.checked[shard] = True
 

@@ -187,7 +187,7 @@ def _check_shard(
             return [f"shard file {shard_file} is missing although the shard is marked complete"]
         file_sha256, size = sync_and_hash(shard_file, sync=False)
         if size != mark.file_size or file_sha256 != mark.file_sha256:
-            problems.append(f"shard file {shard_file} does not match its mark's checksum (damaged or replaced)")
+            problems.append("shard file does not match its mark's sha256 (damaged or replaced)")
     try:
         rows = np.asarray(backend.shard_view(teacher, kind, shard, start, stop, mark))
     except StoreCorruptError as exc:
@@ -196,10 +196,11 @@ def _check_shard(
         return [*problems, str(exc)]
     except Exception as exc:  # a damaged file can fail in many ways inside zarr or h5py
         return [*problems, f"cannot read the rows ({type(exc).__name__}: {exc})"]
-    bad = damaged_rows(rows, mark)
-    if bad is not None and mark.block_crc32c is not None:
-        problems.append(f"rows {bad[0]}..{bad[1] - 1} do not match their crc32c in the completion mark")
-    if rows_sha256(rows) != mark.data_sha256:
+    bad = damaged_rows(rows, mark) if mark.block_crc32c is not None else None
+    if bad is not None:
+        problems.append(f"rows {bad[0]}..{bad[1] - 1} do not match the checksum in the completion mark (data "
+                        "changed after writing)")
+    elif rows_sha256(rows) != mark.data_sha256:
         problems.append("rows do not match the checksum in the completion mark (data changed after writing)")
     valid = np.ones(stop - start, dtype=bool)
     skipped_rows = np.array(sorted(mark.skipped), dtype=np.int64)

@@ -131,7 +131,8 @@ class FeatureStore:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise StoreError(f"{teacher}/{kind}: dim must be a positive integer, got {dim!r}")
         provenance = json_data(provenance or {}, f"provenance of {teacher}/{kind}")
-        with self._backend.metadata_lock(), disk_full_as_store_error(self.path / teacher / kind):
+        array_file = self.path / teacher / kind if self.backend == "zarr" else self.path
+        with self._backend.metadata_lock(), disk_full_as_store_error(array_file):
             attrs = self._backend.read_array_attrs(teacher, kind)
             if attrs is None:
                 attrs = {

@@ -98,14 +98,14 @@ def test_flipped_bits_in_row_data_are_detected_by_readers_and_verify(tmp_path, s
         assert reader.get("t", "image", [63, 128]).shape == (2, dim)
         with pytest.raises(StoreCorruptError) as caught:
             reader.get("t", "image", [100])  # same shard, another block: the whole shard is checked
-    one_line_naming(caught.value, str(file), "t/image rows 64..79", "checksum", FIX)
+    one_line_naming(caught.value, str(file), "t/image rows 64..79", "changed since they were written", FIX)
     with pytest.raises(StoreCorruptError, match="rows 64..79"):
         open_store(path, teacher="t", kinds=("image",), in_memory=True)
     with open_store(path) as reader, pytest.raises(StoreCorruptError, match="rows 64..79"):
         for _ in reader.stream("t", "image", batch_size=32):
             pass
     found = "\n".join(verify_store(path).problems)
-    assert "t/image shard 1 (rows 64..127): rows 64..79 do not match their crc32c" in found
+    assert "t/image shard 1 (rows 64..127): rows 64..79 do not match the checksum" in found
 
 
 def test_damaged_shard_index_is_detected(tmp_path):
@@ -140,6 +140,29 @@ def test_each_shard_is_checked_once_not_per_batch(tmp_path, monkeypatch):
         for _ in range(50):
             reader.get("t", "image", rng.integers(0, N_IMAGES, 32))
     assert sorted(checked) == [0, 1, 2, 3]
+
+
+def test_truncated_hdf5_store_is_one_error_naming_the_file(tmp_path):
+    path = make_store(tmp_path / "a.h5")
+    path.write_bytes(path.read_bytes()[: path.stat().st_size // 2])
+    for read in (lambda: open_store(path).get("t", "image", [150]), lambda: verify_store(path)):
+        with pytest.raises(StoreCorruptError) as caught:
+            read()
+        one_line_naming(caught.value, f"{path}: not a readable HDF5 file", "truncated")
+
+
+def test_unreadable_mark_is_one_error_and_verify_lists_it_as_damaged(tmp_path):
+    path = make_store(tmp_path / "a.zarr")
+    mark = path / "t" / "image" / "marks" / "shard-000002.json"
+    mark.write_text('{"format": "dsmd-shard-mark", "vers')
+    with pytest.raises(StoreCorruptError) as caught:
+        open_store(path).get("t", "image", [0])
+    one_line_naming(caught.value, f"{mark}: shard completion mark is unreadable", FIX)
+    (damage,) = verify_store(path).damaged
+    assert (damage.shard, damage.marked, damage.file) == (2, True, shard_file(path, 2))
+    with FeatureStore.create_or_open(path, **ARGS) as writer:
+        writer.drop_shards("t", "image", [2])
+        assert writer.pending_shards("t", "image") == [2]
 
 
 # -- repair: drop exactly the flagged shards ---------------------------------------------------------------

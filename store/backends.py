@@ -1,12 +1,17 @@
-"""Choosing a backend for a path: what is already there wins, else the suffix (.h5/.hdf5 -> HDF5, else zarr)."""
+"""Choosing a backend for a path (what is already there wins, else the suffix: .h5/.hdf5 -> HDF5, else zarr),
+holding a store for one writing command, and deleting a store (and nothing else)."""
 
 from __future__ import annotations
 
+import contextlib
+import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from store.errors import StoreError
+from store.fsutil import WriterLease
 from store.hdf5_backend import Hdf5Backend
-from store.zarr_backend import ZarrBackend
+from store.zarr_backend import LEASE_FILE, LOCK_FILES, ZarrBackend, folder_problem, refuse_foreign_folder
 
 BACKENDS = ("zarr", "hdf5")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
@@ -47,3 +52,62 @@ def open_backend(path: Path, backend: str, *, writable: bool) -> Backend:
     if not writable and not path.exists():
         raise StoreError(f"{path}: no feature store there; run dsmd extract to make it (or check extract.store)")
     return ZarrBackend(path, writable=writable) if kind == "zarr" else Hdf5Backend(path, writable=writable)
+
+
+@contextlib.contextmanager
+def writer_lease(path: Path, command: str) -> Iterator[None]:
+    """Hold the store at `path` (existing or about to be made) for one writing `command`, e.g. "dsmd extract":
+    a second command gets StoreBusyError naming the first. Processes the holder starts (Dask workers) write
+    without it. HDF5 needs no lease: its one writer locks the file."""
+    path = Path(path)
+    if detect_backend(path) == "hdf5":
+        yield
+        return
+    refuse_foreign_folder(path)
+    made = not path.exists()
+    path.mkdir(parents=True, exist_ok=True)
+    try:
+        with WriterLease(path / LEASE_FILE, command, path):
+            yield
+    finally:
+        if not (path / "zarr.json").exists():
+            # The command failed before making the store: leave no lock files (and no directory) behind.
+            for name in LOCK_FILES:
+                with contextlib.suppress(OSError):
+                    (path / name).unlink()
+            if made:
+                with contextlib.suppress(OSError):
+                    path.rmdir()
+
+
+def delete_store(path: Path) -> None:
+    """Delete the dsmd store at `path` (an HDF5 store's extras beside it too). Anything that is not a dsmd store,
+    or a store directory holding foreign files, is refused by name and left alone. A held writer lease file
+    stays, so that the command holding it keeps the store while it rebuilds it."""
+    path = Path(path)
+    if path.is_dir():
+        problem = folder_problem(path, strict=True)
+        if problem:
+            raise StoreError(f"{problem}: not deleting it; move those files away or point the store elsewhere")
+        for entry in path.iterdir():
+            if entry.name == LEASE_FILE:
+                continue
+            if entry.is_dir():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+        return
+    if not path.exists():
+        return
+    if _existing_backend(path) != "hdf5":
+        raise StoreError(f"{path} is not a dsmd feature store: not deleting it")
+    backend = Hdf5Backend(path, writable=False)
+    try:
+        if backend.read_root() is None:
+            raise StoreError(f"{path} is an HDF5 file but not a dsmd feature store: not deleting it")
+    finally:
+        backend.close()
+    path.unlink()
+    extras = path.with_name(path.name + ".extras")
+    if extras.is_dir():
+        shutil.rmtree(extras)

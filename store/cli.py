@@ -125,8 +125,25 @@ def verify(
         )
         return
     console.print(f"[red]{len(report.problems)} problems[/red] in {path}:", highlight=False)
-    for problem in report.problems:
+    for problem in report.store_problems:
         console.print(f"  - {problem}", highlight=False, soft_wrap=True)
+    damaged = [d for d in report.damaged if d.marked]
+    unfinished = [d for d in report.damaged if not d.marked]
+    if damaged:
+        console.print(f"{len(damaged)} damaged shard(s), by file:", highlight=False)
+        for shard in damaged:
+            console.print(f"  - {shard.describe()}", highlight=False, soft_wrap=True)
+    if unfinished:
+        console.print(f"{len(unfinished)} unfinished shard(s) (no completion mark):", highlight=False)
+        for shard in unfinished:
+            console.print(f"  - {shard.describe()}", highlight=False, soft_wrap=True)
+    if damaged:
+        pairs = any(shard.kind == "pair" for shard in damaged)
+        redo = " (then `dsmd extract-pairs` for pair shards)" if pairs else ""
+        console.print(f"fix: `dsmd extract --repair`{redo} redoes exactly these shards; the others are kept",
+                      highlight=False, soft_wrap=True)
+    elif unfinished:
+        console.print("fix: rerun `dsmd extract` (and `dsmd extract-pairs`) to finish them", highlight=False)
     raise typer.Exit(1)
 
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from store.backends import detect_backend
+from store.backends import detect_backend, writer_lease
 from store.errors import StoreError
 from store.reader import open_store
 from store.writer import FeatureStore
@@ -40,7 +40,7 @@ def convert_store(
         raise StoreError(f"convert: source and destination are the same path ({src})")
     dst_backend = detect_backend(dst, backend)
     written = left = 0
-    with open_store(src) as reader:
+    with writer_lease(dst, "dsmd store convert"), open_store(src) as reader:
         layout = reader.layout
         with FeatureStore.create_or_open(
             dst,

@@ -15,14 +15,13 @@ import hashlib
 import json
 import os
 import re
-import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from store.errors import StoreError
-from store.fsutil import fsync_dir
+from store.errors import StoreCorruptError, StoreError
+from store.fsutil import disk_full_as_store_error, fsync_dir, removed_on_error
 
 __all__ = ["Extra", "extras_dir", "put_extra", "get_extra", "has_extra", "list_extras"]
 
@@ -95,11 +94,12 @@ def put_extra(
     target = _file(path, name)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as handle:
-        np.savez(handle, value=value, record=np.array(record_text))
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(tmp, target)
+    with disk_full_as_store_error(target), removed_on_error(tmp):
+        with open(tmp, "wb") as handle:
+            np.savez(handle, value=value, record=np.array(record_text))
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(tmp, target)
     fsync_dir(target.parent)
     return target
 
@@ -121,14 +121,18 @@ def get_extra(store_path: str | Path, name: str, *, dataset_fingerprint: str | N
     if not target.is_file():
         present = ", ".join(list_extras(store_path)) or "none"
         raise StoreError(f"{store_path}: no extra {name!r} in this store (present: {present})")
+    remake = "make it again (`dsmd extract-pairs` refits damaged alignment maps)"
     try:
         with np.load(target, allow_pickle=False) as data:
             value = data["value"]
             record = json.loads(str(data["record"]))
-    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
-        raise StoreError(f"{target}: cannot read this store extra ({exc}); delete it and make it again") from None
+        if not isinstance(record, dict):
+            raise ValueError("its record is not a JSON object")
+    except Exception as exc:  # a damaged zip or array fails in many ways (zlib, zipfile, numpy, json)
+        raise StoreCorruptError(f"{target}: cannot read this store extra ({type(exc).__name__}: {exc}); "
+                                f"{remake}") from None
     if record.get("format") != EXTRAS_FORMAT or record.get("sha256") != _sha256(value):
-        raise StoreError(f"{target}: damaged store extra (format or checksum mismatch); delete it and make it again")
+        raise StoreCorruptError(f"{target}: damaged store extra (format or checksum mismatch); {remake}")
     if dataset_fingerprint is not None and record.get("dataset_fingerprint") != dataset_fingerprint:
         raise StoreError(
             f"{target} was made for the dataset with fingerprint {record.get('dataset_fingerprint')}, not "

@@ -22,7 +22,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from store.errors import StoreError
+from store.errors import StoreCorruptError, StoreError, corrupt_shard
 from store.layout import KINDS, Layout
 from store.marks import ShardMark
 
@@ -91,6 +91,8 @@ class Hdf5Backend:
 
     def create_array(self, teacher: str, kind: str, rows: int, dim: int, dtype: str, layout: Layout, attrs: dict):
         with self._file() as handle:
+            if f"{teacher}/{kind}" in handle:  # made by a run that failed before the attributes (e.g. disk full)
+                del handle[f"{teacher}/{kind}"]
             dcpl = h5py.h5p.create(h5py.h5p.DATASET_CREATE)
             # Allocated and zero-filled now, so the rows sit at a fixed place in the file from the start.
             dcpl.set_alloc_time(h5py.h5d.ALLOC_TIME_EARLY)
@@ -133,16 +135,31 @@ class Hdf5Backend:
             name = _mark_name(teacher, kind, shard)
             if name not in handle:
                 return None
-            return ShardMark.from_json(handle[name][()].decode("utf-8"), f"{self.path}:{name}")
+            return self._mark(handle[name], f"{self.path}:{name}")
 
-    def read_marks(self, teacher: str, kind: str) -> dict[int, ShardMark]:
+    def read_marks(self, teacher: str, kind: str, unreadable: dict[int, str] | None = None) -> dict[int, ShardMark]:
+        """Shard -> mark; see ZarrBackend.read_marks."""
         marks = {}
         with self._file() as handle:
             group = handle.get(f"{MARKS_GROUP}/{teacher}/{kind}")
             for name in sorted(group.keys()) if group is not None else []:
-                mark = ShardMark.from_json(group[name][()].decode("utf-8"), f"{self.path}:{group.name}/{name}")
+                try:
+                    mark = self._mark(group[name], f"{self.path}:{group.name}/{name}")
+                except StoreCorruptError as exc:
+                    shard = name.removeprefix("shard-")
+                    if unreadable is None or not shard.isdigit():
+                        raise
+                    unreadable[int(shard)] = str(exc).split("; ")[0]
+                    continue
                 marks[mark.shard] = mark
         return marks
+
+    def _mark(self, dataset: h5py.Dataset, where: str) -> ShardMark:
+        try:
+            text = dataset[()].decode("utf-8", errors="replace")
+        except (OSError, AttributeError, ValueError) as exc:
+            text = f"<unreadable: {exc}>"
+        return ShardMark.from_json(text, where, str(self.path))
 
     @staticmethod
     def _sync(handle: h5py.File) -> None:
@@ -161,14 +178,27 @@ class Hdf5Backend:
             dtype, shape = dataset.dtype, dataset.shape
         if dtype.byteorder == ">":
             return None
+        size = self.path.stat().st_size
+        if offset + int(np.prod(shape)) * dtype.itemsize > size:
+            raise corrupt_shard(self.path, self.path, f"{teacher}/{kind}", 0, shape[0],
+                                f"file is {size} bytes, too short for the array's rows (truncated)")
         return np.memmap(self.path, dtype=dtype, mode="r", offset=offset, shape=shape)
 
-    def shard_view(self, teacher: str, kind: str, shard: int, start: int, stop: int) -> np.ndarray:
+    def shard_view(
+        self, teacher: str, kind: str, shard: int, start: int, stop: int, mark: ShardMark | None = None
+    ) -> np.ndarray:
         full = self.full_view(teacher, kind)
         if full is not None:
             return full[start:stop]
-        with self._file() as handle:
-            return handle[f"{teacher}/{kind}"][start:stop]
+        try:
+            with self._file() as handle:
+                return handle[f"{teacher}/{kind}"][start:stop]
+        except (OSError, RuntimeError, ValueError) as exc:  # h5py's errors for a damaged file
+            raise corrupt_shard(self.path, self.path, f"{teacher}/{kind}", start, stop,
+                                f"cannot read the rows ({type(exc).__name__}: {exc})") from None
+
+    def shard_path(self, teacher: str, kind: str, shard: int) -> Path:
+        return self.path  # one file holds every shard
 
     def size_on_disk(self) -> int:
         return self.path.stat().st_size
@@ -192,15 +222,18 @@ def _open(path: Path, mode: str) -> h5py.File:
         return h5py.File(path, mode, track_order=False)
     except (OSError, BlockingIOError) as exc:
         text = str(exc)
-        if "lock" in text.lower():
+        # "unable to lock file", not any "lock": a truncated file's message says "sblock->base_addr".
+        if "unable to lock" in text.lower() or isinstance(exc, BlockingIOError):
             raise StoreError(
-                f"{path}: the HDF5 store is open for writing in another process (HDF5 allows one writer and no "
-                "reader while it writes); wait for it, or use the zarr backend for several writers"
+                f"{path}: the HDF5 store is open for writing in another process (e.g. another `dsmd extract` or "
+                "`dsmd store convert`; HDF5 allows one writer and no reader while it writes); wait for it to "
+                "finish, or use the zarr backend for several writers"
             ) from None
         if "already open for write" in text or "file signature not found" in text or "truncated" in text:
-            raise StoreError(
-                f"{path}: not a readable HDF5 file ({text}); if a writer was killed, delete the file and rerun, "
-                "or use the zarr backend, which resumes after a crash"
+            raise StoreCorruptError(
+                f"{path}: not a readable HDF5 file ({text}); an HDF5 store cannot be repaired in place: delete it "
+                "and make it again (dsmd store convert from the zarr store, or dsmd extract), or use the zarr "
+                "backend, which resumes after a crash"
             ) from None
         if mode == "r" and not path.exists():
             raise StoreError(f"{path}: no such feature store; run dsmd extract first") from None

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
-from store.errors import StoreError
+from store.errors import StoreCorruptError, repair_hint
 
 MARK_FORMAT = "dsmd-shard-mark"
 MARK_VERSION = 1
@@ -30,6 +30,10 @@ class ShardMark:
     file_sha256: str | None = None
     file_size: int | None = None
     written_at: str = ""
+    # crc32c of each block of block_rows rows (as data_sha256, over the stored bytes): readers check a shard
+    # the first time they touch it at ~10 GB/s and can name the damaged rows. None in marks made before them.
+    block_rows: int | None = None
+    block_crc32c: list[int] | None = None
 
     def to_json(self) -> str:
         body = {
@@ -48,11 +52,13 @@ class ShardMark:
             "file_sha256": self.file_sha256,
             "file_size": self.file_size,
             "written_at": self.written_at,
+            "block_rows": self.block_rows,
+            "block_crc32c": self.block_crc32c,
         }
         return json.dumps(body, indent=1)
 
     @classmethod
-    def from_json(cls, text: str, where: str) -> ShardMark:
+    def from_json(cls, text: str, where: str, store: str | None = None) -> ShardMark:
         try:
             body = json.loads(text)
             if body.get("format") != MARK_FORMAT:
@@ -73,9 +79,10 @@ class ShardMark:
                 file_sha256=body.get("file_sha256"),
                 file_size=body.get("file_size"),
                 written_at=str(body.get("written_at", "")),
+                block_rows=None if body.get("block_rows") is None else int(body["block_rows"]),
+                block_crc32c=None if body.get("block_crc32c") is None else [int(c) for c in body["block_crc32c"]],
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            raise StoreError(
-                f"{where}: shard completion mark is unreadable ({exc}); delete it and rerun dsmd extract "
-                "to redo that shard"
+            raise StoreCorruptError(
+                f"{where}: shard completion mark is unreadable ({exc}); {repair_hint(store or where)}"
             ) from None

@@ -2,6 +2,9 @@
 
 Only completed shards are readable. Rows come straight from memory maps of the shard files (zarr) or the
 file (HDF5): a batch is sorted, cut at shard borders, gathered per shard and put back in the asked order.
+The first time a reader touches a shard it checks the whole shard against its completion mark (file size,
+index, crc32c of every block of rows; see store/integrity.py), so damage is one StoreCorruptError naming the
+file, not wrong features or a traceback from deep inside zarr; later batches pay nothing for it.
 """
 
 from __future__ import annotations
@@ -14,7 +17,8 @@ import numpy as np
 from store import stitch
 from store.backends import Backend, open_backend
 from store.common import layout_from_root, recorded_dataset_name
-from store.errors import StoreError
+from store.errors import StoreError, corrupt_shard
+from store.integrity import damaged_rows
 from store.layout import Layout, check_kind
 from store.marks import ShardMark
 from store.numeric import to_float32
@@ -35,6 +39,7 @@ class _ArrayRows:
         self.marks: dict[int, ShardMark] = backend.read_marks(teacher, kind)
         self.done = np.zeros(self.n_shards, dtype=bool)
         self.done[list(self.marks)] = True
+        self.checked = np.zeros(self.n_shards, dtype=bool)  # done, and its rows found intact
         self._views: list[np.ndarray | None] = [None] * self.n_shards
         # One array for all rows (HDF5's memory map, the zarr shards stitched together, or the in-RAM copy)
         # turns a batch into one gather instead of one per shard.
@@ -56,7 +61,8 @@ class _ArrayRows:
         for shard in shards.tolist():
             start, stop = self.layout.shard_rows(self.kind, shard)
             try:
-                location = self._backend.shard_location(self.teacher, self.kind, shard, start, stop)
+                location = self._backend.shard_location(self.teacher, self.kind, shard, start, stop,
+                                                        self.marks[shard])
                 if location is None:
                     raise OSError("rows not stored plainly")
                 self._stitched.map_shard(shard, location[0], location[1], stop - start)
@@ -78,12 +84,14 @@ class _ArrayRows:
                 if self._stitched is not None:
                     self._stitch(np.array([shard]))
 
-    def require(self, shards: np.ndarray) -> None:
-        if self.done[shards].all():
+    def require(self, shards: np.ndarray, *, check: bool = True) -> None:
+        """Refuse unless these shards are complete and (check) intact; checks each shard once."""
+        if self.checked[shards].all():
             return
         missing = np.unique(shards[~self.done[shards]])
-        self._refresh(missing)
-        missing = missing[~self.done[missing]]
+        if missing.size:
+            self._refresh(missing)
+            missing = missing[~self.done[missing]]
         if missing.size:
             first = int(missing[0])
             start, stop = self.layout.shard_rows(self.kind, first)
@@ -92,9 +100,23 @@ class _ArrayRows:
                 f"{self._backend.path}: {self.name} shard {first} (rows {start}..{stop - 1}) is not complete{more}; "
                 "rerun dsmd extract to finish it"
             )
+        if check:
+            for shard in np.unique(shards[~self.checked[shards]]).tolist():
+                self._check(shard)
 
-    def require_all(self) -> None:
-        self.require(np.arange(self.n_shards))
+    def require_all(self, *, check: bool = True) -> None:
+        self.require(np.arange(self.n_shards), check=check)
+
+    def _check(self, shard: int) -> None:
+        """Read the whole shard once and compare it with what its writer recorded."""
+        mark = self.marks[shard]
+        bad = damaged_rows(self.view(shard), mark)
+        if bad is not None:
+            raise corrupt_shard(
+                self._backend.path, self._backend.shard_path(self.teacher, self.kind, shard), self.name, *bad,
+                "changed since they were written (their checksum in the completion mark does not match)",
+            )
+        self.checked[shard] = True
 
     # -- rows ---------------------------------------------------------------------------------------
     def view(self, shard: int) -> np.ndarray:
@@ -104,7 +126,7 @@ class _ArrayRows:
             if self._whole is not None:
                 view = self._whole[start:stop]
             else:
-                view = self._backend.shard_view(self.teacher, self.kind, shard, start, stop)
+                view = self._backend.shard_view(self.teacher, self.kind, shard, start, stop, self.marks[shard])
             self._views[shard] = view
         return view
 
@@ -143,6 +165,7 @@ class _ArrayRows:
     def load(self) -> None:
         """Copy every completed shard into one in-RAM array (zero rows where shards are incomplete)."""
         whole = np.zeros((self.rows, self.dim), dtype=self.dtype)
+        self.require(np.flatnonzero(self.done))
         for shard in np.flatnonzero(self.done).tolist():
             start, stop = self.layout.shard_rows(self.kind, shard)
             whole[start:stop] = self.view(shard)
@@ -269,7 +292,7 @@ class StoreReader:
         if batch_size < 1 or shuffle_buffer < 0:
             raise StoreError(f"stream: need batch_size >= 1, shuffle_buffer >= 0; got {batch_size}, {shuffle_buffer}")
         array = self._array(teacher, kind)
-        array.require_all()
+        array.require_all(check=False)  # each shard is checked as the stream reaches it: one pass over the data
         valid = array.valid() if valid_only else None
         rng = np.random.default_rng(seed)
         order = rng.permutation(array.n_shards) if shuffle_buffer else np.arange(array.n_shards)
@@ -278,6 +301,7 @@ class StoreReader:
         for position, shard in enumerate(order.tolist()):
             start, stop = self.layout.shard_rows(kind, shard)
             ids = np.arange(start, stop, dtype=np.int64)
+            array.require(np.array([shard]))
             rows = to_float32(np.array(array.view(shard)))
             if valid is not None:
                 keep = valid[start:stop]

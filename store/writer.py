@@ -7,7 +7,7 @@ extract stage hands them out); creation is race-safe. A killed writer leaves at 
 
 from __future__ import annotations
 
-import hashlib
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,9 @@ from store.common import (
     now_iso,
     recorded_dataset_name,
 )
-from store.errors import StoreError, StoreMismatchError
+from store.errors import StoreDiskFullError, StoreError, StoreMismatchError, disk_full_message
+from store.fsutil import disk_full_as_store_error, is_disk_full
+from store.integrity import block_checksums, rows_sha256
 from store.layout import (
     NORM_TOLERANCE,
     ROW_SPACE,
@@ -73,9 +75,10 @@ class FeatureStore:
         if not isinstance(dataset_fingerprint, str) or not dataset_fingerprint:
             raise StoreError("create_or_open needs the dataset fingerprint (dataset.json 'fingerprint')")
         wanted = {"dataset_fingerprint": dataset_fingerprint, **layout.to_dict()}
-        store_backend = open_backend(path, backend, writable=True)
+        with disk_full_as_store_error(path):
+            store_backend = open_backend(path, backend, writable=True)
         try:
-            with store_backend.metadata_lock():
+            with store_backend.metadata_lock(), disk_full_as_store_error(path):
                 root = store_backend.read_root()
                 if root is None:
                     root = {
@@ -128,7 +131,8 @@ class FeatureStore:
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise StoreError(f"{teacher}/{kind}: dim must be a positive integer, got {dim!r}")
         provenance = json_data(provenance or {}, f"provenance of {teacher}/{kind}")
-        with self._backend.metadata_lock():
+        array_file = self.path / teacher / kind if self.backend == "zarr" else self.path
+        with self._backend.metadata_lock(), disk_full_as_store_error(array_file):
             attrs = self._backend.read_array_attrs(teacher, kind)
             if attrs is None:
                 attrs = {
@@ -219,32 +223,51 @@ class FeatureStore:
         stored, valid_mask, reasons = prepare_rows(values, valid, skipped, start, stop, attrs, where)
         with self._backend.shard_lock(teacher, kind, shard):
             if not overwrite and self._backend.read_mark(teacher, kind, shard) is not None:
-                raise StoreError(f"{where} is already complete; pass overwrite=True to replace it")
+                raise StoreError(
+                    f"{where} is already complete (another writer may have finished it meanwhile): it is kept; "
+                    "pass overwrite=True to replace it"
+                )
             self._backend.clear_shard(teacher, kind, shard)
-            extra = self._backend.write_rows(teacher, kind, shard, start, stop, stored)
-            mark = ShardMark(
-                teacher=teacher,
-                kind=kind,
-                shard=shard,
-                start=start,
-                stop=stop,
-                dtype=attrs["dtype"],
-                dim=attrs["dim"],
-                valid_count=int(valid_mask.sum()),
-                skipped=reasons,
-                data_sha256=rows_sha256(stored),
-                file_sha256=extra.get("file_sha256"),
-                file_size=extra.get("file_size"),
-                written_at=now_iso(),
-            )
-            self._backend.write_mark(mark)
+            try:
+                extra = self._backend.write_rows(teacher, kind, shard, start, stop, stored)
+                mark = ShardMark(
+                    teacher=teacher,
+                    kind=kind,
+                    shard=shard,
+                    start=start,
+                    stop=stop,
+                    dtype=attrs["dtype"],
+                    dim=attrs["dim"],
+                    valid_count=int(valid_mask.sum()),
+                    skipped=reasons,
+                    data_sha256=rows_sha256(stored),
+                    file_sha256=extra.get("file_sha256"),
+                    file_size=extra.get("file_size"),
+                    written_at=now_iso(),
+                    block_rows=self.layout.rows_per_chunk,
+                    block_crc32c=block_checksums(stored, self.layout.rows_per_chunk),
+                )
+                self._backend.write_mark(mark)
+            except BaseException as exc:
+                # No half-written shard stays behind: without data or mark the shard is pending, and the next run
+                # writes it again.
+                with contextlib.suppress(Exception):
+                    self._backend.clear_shard(teacher, kind, shard)
+                if is_disk_full(exc):
+                    raise StoreDiskFullError(
+                        disk_full_message(self._backend.shard_path(teacher, kind, shard))
+                    ) from None
+                raise
         return mark
 
-
-def rows_sha256(rows: np.ndarray) -> str:
-    """Checksum of rows as stored: little-endian, row-major bytes."""
-    rows = np.ascontiguousarray(rows, dtype=rows.dtype.newbyteorder("<"))
-    return hashlib.sha256(memoryview(rows).cast("B")).hexdigest()
+    def drop_shards(self, teacher: str, kind: str, shards: list[int]) -> None:
+        """Forget finished shards, mark first, then data: they become pending and the next run writes them again
+        (how `dsmd extract --repair` redoes damaged shards). Other shards are not touched."""
+        self._array(teacher, kind)
+        for shard in shards:
+            self.layout.shard_rows(kind, shard)
+            with self._backend.shard_lock(teacher, kind, shard):
+                self._backend.clear_shard(teacher, kind, shard)
 
 
 def row_norm_problems(rows: np.ndarray, valid: np.ndarray, first_row: int, tolerance: float) -> list[str]:

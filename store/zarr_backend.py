@@ -3,6 +3,7 @@
 On disk (PATH is a directory):
     PATH/zarr.json                         root group; attributes["dsmd_store"] = store-wide facts
     PATH/.dsmd.lock                        lock file (creation, ensure_array)
+    PATH/.dsmd-writer.lock                 held by the one writing command (dsmd extract, store convert)
     PATH/<teacher>/<kind>/zarr.json        array (rows, D); attributes["dsmd_array"] = provenance
     PATH/<teacher>/<kind>/c/<shard>/0      shard file: inner chunks of rows_per_chunk rows, then the index
     PATH/<teacher>/<kind>/marks/shard-<shard:06d>.json   completion mark (ShardMark)
@@ -16,22 +17,27 @@ directly instead of decoding chunk by chunk.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
 
+import google_crc32c
 import numpy as np
 import zarr
 import zarr.storage
 
-from store.errors import StoreError
+from store.errors import StoreCorruptError, StoreError, corrupt_shard
 from store.fsutil import RangeLock, atomic_write_text, fsync_dir, remove_durably, sync_and_hash
 from store.layout import KINDS, Layout
 from store.marks import ShardMark
 
 ROOT_KEY = "dsmd_store"
 ARRAY_KEY = "dsmd_array"
+LEASE_FILE = ".dsmd-writer.lock"
+LOCK_FILES = frozenset({".dsmd.lock", LEASE_FILE})
+EXTRAS_DIR = "_extras"  # see store/extras.py
 _WRITE_CONFIG = {"write_empty_chunks": True}  # every shard file exists, even for all-zero (skipped) rows
 _EMPTY = np.uint64(2**64 - 1)
 
@@ -43,6 +49,7 @@ class ZarrBackend:
         self.path = path
         self.writable = writable
         if writable:
+            refuse_foreign_folder(path)  # before any lock file is made in someone else's directory
             path.mkdir(parents=True, exist_ok=True)
         self._store = zarr.storage.LocalStore(str(path), read_only=not writable)
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
@@ -71,7 +78,7 @@ class ZarrBackend:
         return attrs[ROOT_KEY]
 
     def create_root(self, attrs: dict) -> None:
-        others = [p.name for p in self.path.iterdir() if p.name != ".dsmd.lock"]
+        others = [p.name for p in self.path.iterdir() if p.name not in LOCK_FILES]
         if others:
             raise StoreError(
                 f"{self.path} exists and holds {', '.join(sorted(others)[:5])} but no feature store: "
@@ -116,17 +123,26 @@ class ZarrBackend:
         key = (teacher, kind)
         if key not in self._arrays:
             mode = "r+" if self.writable else "r"
+            try:
+                array = zarr.open_array(store=self._store, path=f"{teacher}/{kind}", mode=mode)
+            except Exception as exc:  # zarr raises several types for unreadable metadata
+                where = self.path / teacher / kind / "zarr.json"
+                raise StoreCorruptError(
+                    f"{where}: cannot read the array metadata of {teacher}/{kind} ({type(exc).__name__}: {exc}); "
+                    f"the array cannot be repaired shard by shard: delete {self.path / teacher / kind} and rerun "
+                    "dsmd extract"
+                ) from None
             # open_array ignores its config argument (zarr 3.1): set it on the opened array, or zarr drops the
             # file of an all-zero shard (every row skipped) and the write cannot be checked.
-            self._arrays[key] = zarr.open_array(store=self._store, path=f"{teacher}/{kind}", mode=mode).with_config(
-                _WRITE_CONFIG
-            )
+            self._arrays[key] = array.with_config(_WRITE_CONFIG)
         return self._arrays[key]
 
     # -- shards -------------------------------------------------------------------------------------
     def shard_file(self, teacher: str, kind: str, shard: int) -> Path:
         key = self._array(teacher, kind).metadata.encode_chunk_key((shard, 0))
         return self.path / teacher / kind / key
+
+    shard_path = shard_file  # the file that holds a shard's rows, in both backends
 
     def _mark_file(self, teacher: str, kind: str, shard: int) -> Path:
         return self.path / teacher / kind / "marks" / f"shard-{shard:06d}.json"
@@ -157,41 +173,70 @@ class ZarrBackend:
     def read_mark(self, teacher: str, kind: str, shard: int) -> ShardMark | None:
         path = self._mark_file(teacher, kind, shard)
         try:
-            text = path.read_text(encoding="utf-8")
+            text = path.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
             return None
-        return ShardMark.from_json(text, str(path))
+        return ShardMark.from_json(text, str(path), str(self.path))
 
-    def read_marks(self, teacher: str, kind: str) -> dict[int, ShardMark]:
+    def read_marks(self, teacher: str, kind: str, unreadable: dict[int, str] | None = None) -> dict[int, ShardMark]:
+        """Shard -> mark. An unreadable mark raises StoreCorruptError, or with `unreadable` given is listed
+        there (shard -> why) and left out."""
         marks = {}
         for path in sorted((self.path / teacher / kind / "marks").glob("shard-*.json")):
-            mark = ShardMark.from_json(path.read_text(encoding="utf-8"), str(path))
+            try:
+                mark = ShardMark.from_json(path.read_text(encoding="utf-8", errors="replace"), str(path),
+                                           str(self.path))
+            except StoreCorruptError as exc:
+                shard = path.stem.removeprefix("shard-")
+                if unreadable is None or not shard.isdigit():
+                    raise
+                unreadable[int(shard)] = str(exc).split("; ")[0]
+                continue
             marks[mark.shard] = mark
         return marks
 
     # -- reading ------------------------------------------------------------------------------------
-    def shard_location(self, teacher: str, kind: str, shard: int, start: int, stop: int) -> tuple[Path, int] | None:
+    def shard_location(
+        self, teacher: str, kind: str, shard: int, start: int, stop: int, mark: ShardMark | None = None
+    ) -> tuple[Path, int] | None:
         """(file, offset) where the finished shard's rows lie as raw little-endian values, one after
-        another: always so for shards this package writes (uncompressed, chunks in order). None if not."""
+        another: always so for shards this package writes (uncompressed, chunks in order). None if not.
+        StoreCorruptError when the file is missing, is not the size its mark recorded, or its index is damaged."""
         path = self.shard_file(teacher, kind, shard)
-        if not path.is_file():
-            raise StoreError(
-                f"{path}: shard file of {teacher}/{kind} shard {shard} is missing although the shard is marked "
-                "complete; delete its mark in marks/ and rerun dsmd extract to redo it"
-            )
-        offset = _contiguous_offset(path, self._array(teacher, kind), stop - start)
+        try:
+            size = os.path.getsize(path)
+        except FileNotFoundError:
+            raise self._corrupt(path, teacher, kind, start, stop, "shard file is missing although the shard is "
+                                "marked complete") from None
+        if mark is not None and mark.file_size is not None and size != mark.file_size:
+            what = "truncated" if size < mark.file_size else "grown"
+            raise self._corrupt(path, teacher, kind, start, stop, f"shard file is {size} bytes, but "
+                                f"{mark.file_size} were written ({what} since)")
+        try:
+            offset = _contiguous_offset(path, size, self._array(teacher, kind), stop - start)
+        except ValueError as exc:
+            raise self._corrupt(path, teacher, kind, start, stop, str(exc)) from None
         return None if offset is None else (path, offset)
 
-    def shard_view(self, teacher: str, kind: str, shard: int, start: int, stop: int) -> np.ndarray:
+    def shard_view(
+        self, teacher: str, kind: str, shard: int, start: int, stop: int, mark: ShardMark | None = None
+    ) -> np.ndarray:
         """Rows [start, stop) of a finished shard: a read-only memory map of the shard file, or the rows
         decoded by zarr into memory when they are not stored plainly."""
         array = self._array(teacher, kind)
-        location = self.shard_location(teacher, kind, shard, start, stop)
+        location = self.shard_location(teacher, kind, shard, start, stop, mark)
         if location is None:
-            return np.asarray(array[start:stop])
+            try:
+                return np.asarray(array[start:stop])
+            except Exception as exc:  # a damaged shard fails in many ways inside zarr's codecs
+                raise self._corrupt(self.shard_file(teacher, kind, shard), teacher, kind, start, stop,
+                                    f"cannot decode the shard ({type(exc).__name__}: {exc})") from None
         path, offset = location
         return np.memmap(path, dtype=array.dtype.newbyteorder("<"), mode="r", offset=offset,
                          shape=(stop - start, array.shape[1]))
+
+    def _corrupt(self, path: Path, teacher: str, kind: str, start: int, stop: int, reason: str) -> StoreCorruptError:
+        return corrupt_shard(self.path, path, f"{teacher}/{kind}", start, stop, reason)
 
     def full_view(self, teacher: str, kind: str) -> np.ndarray | None:
         return None  # one file per shard: no single map covers the array
@@ -212,10 +257,11 @@ class ZarrBackend:
         self._arrays.clear()
 
 
-def _contiguous_offset(path: Path, array: zarr.Array, rows: int) -> int | None:
+def _contiguous_offset(path: Path, size: int, array: zarr.Array, rows: int) -> int | None:
     """File offset of the shard's first row if its first `rows` rows lie contiguously, in order, as raw
     little-endian values; None otherwise. Follows the zarr v3 sharding_indexed layout: the index is an
-    (n_chunks, 2) table of uint64 (offset, nbytes), encoded as little-endian bytes plus a crc32c."""
+    (n_chunks, 2) table of uint64 (offset, nbytes), encoded as little-endian bytes plus a crc32c.
+    ValueError when the index is damaged (too short, or its crc32c does not match)."""
     codecs = array.metadata.to_dict()["codecs"]
     if len(codecs) != 1 or codecs[0]["name"] != "sharding_indexed":
         return None
@@ -229,13 +275,14 @@ def _contiguous_offset(path: Path, array: zarr.Array, rows: int) -> int | None:
     shard_rows = array.metadata.chunk_grid.chunk_shape[0]
     n_chunks = shard_rows // chunk_rows
     index_bytes = n_chunks * 16 + 4
-    size = os.path.getsize(path)
+    if size < index_bytes:
+        raise ValueError(f"shard file is {size} bytes, too short for its {index_bytes}-byte index (truncated)")
     with open(path, "rb") as handle:
         if config.get("index_location", "end") == "end":
             handle.seek(size - index_bytes)
         raw = handle.read(index_bytes)
-    if len(raw) != index_bytes:
-        return None
+    if google_crc32c.value(raw[:-4]) != int.from_bytes(raw[-4:], "little"):
+        raise ValueError("the shard index does not match its crc32c (damaged or truncated file)")
     index = np.frombuffer(raw[:-4], dtype="<u8").reshape(n_chunks, 2)
     chunk_bytes = chunk_rows * dim * array.dtype.itemsize
     used = -(-rows // chunk_rows)
@@ -246,5 +293,43 @@ def _contiguous_offset(path: Path, array: zarr.Array, rows: int) -> int | None:
     if (offsets != first + np.arange(used, dtype=np.uint64) * np.uint64(chunk_bytes)).any():
         return None
     if first + rows * dim * array.dtype.itemsize > size:
-        return None
+        raise ValueError("the shard index points past the end of the file (truncated)")
     return first
+
+
+def folder_problem(path: Path, *, strict: bool = False) -> str | None:
+    """What makes the directory `path` no place for a store: None for a dsmd zarr store, an empty directory
+    (lock files aside) or no directory. `strict`: also name entries a store never holds (before deleting it)."""
+    if not path.is_dir():
+        return None
+    entries = sorted(p.name for p in path.iterdir() if p.name not in LOCK_FILES)
+    if not entries:
+        return None
+    try:
+        attrs = json.loads((path / "zarr.json").read_text(encoding="utf-8")).get("attributes") or {}
+        is_store = ROOT_KEY in attrs
+    except (OSError, ValueError, AttributeError):
+        is_store = False
+    if not is_store:
+        return f"{path} holds {_some(entries)} but is not a dsmd feature store (no dsmd zarr.json)"
+    if strict:
+        foreign = [name for name in entries if not _store_entry(path / name)]
+        if foreign:
+            return f"{path} is a dsmd feature store but also holds {_some(foreign)}, which no store holds"
+    return None
+
+
+def refuse_foreign_folder(path: Path) -> None:
+    problem = folder_problem(path)
+    if problem:
+        raise StoreError(f"{problem}: point the store path at a new or empty directory (nothing was written there)")
+
+
+def _store_entry(entry: Path) -> bool:
+    if entry.name in ("zarr.json", EXTRAS_DIR):
+        return True
+    return entry.is_dir() and all(p.name == "zarr.json" or p.name in KINDS for p in entry.iterdir())
+
+
+def _some(names: list[str]) -> str:
+    return ", ".join(names[:5]) + (f" and {len(names) - 5} more" if len(names) > 5 else "")

@@ -12,6 +12,7 @@ import pytest
 
 from store import FeatureStore, StoreError, open_store
 from store.convert import convert_store
+from store.errors import StoreCorruptError
 from store.info import store_info
 from store.testing import fill, unit_rows
 from store.verify import verify_store
@@ -209,5 +210,5 @@ def test_cli_verify_lists_a_missing_shard_file_of_a_stitched_store(tmp_path):
     assert result.exit_code == 1 and "t/image shard 1 (rows 64..127): shard file" in result.stderr
     with open_store(path) as reader:
         assert reader.get("t", "image", [0, 199]).shape == (2, 32)
-        with pytest.raises(StoreError, match="shard file of t/image shard 1 is missing"):
+        with pytest.raises(StoreCorruptError, match=r"c/1/0: t/image rows 64..127: shard file is missing.*--repair"):
             reader.get("t", "image", [70])

@@ -22,6 +22,9 @@ def register(app: typer.Typer) -> None:
         replace_stale: bool = typer.Option(
             False, "--replace-stale", help="Delete and rebuild a store made for another dataset or teacher setup."
         ),
+        repair: bool = typer.Option(
+            False, "--repair", help="Redo exactly the shards `dsmd store verify` flags as damaged (others are kept)."
+        ),
     ) -> None:
         """Run the teacher (and extra_teachers) over the dataset and fill the feature store (resumes where a
         killed run stopped)."""
@@ -38,4 +41,4 @@ def register(app: typer.Typer) -> None:
             "extract.dask_scheduler": scheduler,
         }
         cfg = config_with(ctx, flags)
-        run_extract_all(cfg, replace_stale=replace_stale)
+        run_extract_all(cfg, replace_stale=replace_stale, repair=repair)

@@ -6,7 +6,6 @@ stay light.
 
 from __future__ import annotations
 
-import shutil
 import time
 from collections import Counter
 from dataclasses import dataclass, field, replace
@@ -29,7 +28,8 @@ from stages.extract.plan import (
     selected_rows,
 )
 from store import FeatureStore
-from store.errors import StoreMismatchError
+from store.backends import delete_store, writer_lease
+from store.errors import StoreError, StoreMismatchError
 
 _LISTED = 20  # skipped images named in the summary; the rest are in `dsmd store info`
 
@@ -72,39 +72,39 @@ def _check_ready(cfg: Config) -> None:
         )
 
 
-def _remove_store(path: Path) -> None:
-    if path.is_dir():
-        shutil.rmtree(path)
-    elif path.exists():
-        path.unlink()
-    extras = path.with_name(path.name + ".extras")  # the HDF5 backend keeps its extras beside the file
-    if extras.is_dir():
-        shutil.rmtree(extras)
-
-
-def run_extract(cfg: Config, *, replace_stale: bool = False) -> ExtractSummary:
+def run_extract(cfg: Config, *, replace_stale: bool = False, repair: bool = False) -> ExtractSummary:
     """Fill the store, resuming a partial one. ``replace_stale``: a store at the path that was made for another
     dataset, layout or teacher setup is deleted and rebuilt (what DVC wants: the store is the stage's own
-    output, kept only so that a killed run can resume); without it such a store is an error."""
+    output, kept only so that a killed run can resume); without it such a store is an error. ``repair``: first
+    drop the shards of this teacher that `dsmd store verify` flags as damaged, so that exactly those are
+    written again."""
     _check_ready(cfg)
+    with writer_lease(Path(cfg.extract.store), "dsmd extract"):
+        return _extract_one(cfg, replace_stale=replace_stale, repair=repair)
+
+
+def _extract_one(cfg: Config, *, replace_stale: bool, repair: bool) -> ExtractSummary:
     started = time.perf_counter()
     run = _run_dask if cfg.extract.dask_workers > 0 or cfg.extract.dask_scheduler else _run_local
     try:
+        repaired = _repair(cfg) if repair else []
         summary = run(cfg)
     except StoreMismatchError as exc:
         if not replace_stale:
             raise
         console.print(f"[yellow]{escape(str(exc))}[/yellow]")
         console.print(f"--replace-stale: deleting {cfg.extract.store} and starting over", highlight=False)
-        _remove_store(Path(cfg.extract.store))
+        delete_store(Path(cfg.extract.store))  # refuses, by name, anything that is not a dsmd store
+        repaired = []
         summary = run(cfg)
         summary.replaced_store = True
+    summary.notes = repaired + summary.notes
     summary.seconds = time.perf_counter() - started
     _print_summary(summary)
     return summary
 
 
-def run_extract_all(cfg: Config, *, replace_stale: bool = False) -> list[ExtractSummary]:
+def run_extract_all(cfg: Config, *, replace_stale: bool = False, repair: bool = False) -> list[ExtractSummary]:
     """`teacher`, then every extra_teachers entry, into the one store (each resumes on its own)."""
     teachers = [cfg.teacher, *cfg.extra_teachers]
     names = [t.name for t in teachers]
@@ -114,15 +114,52 @@ def run_extract_all(cfg: Config, *, replace_stale: bool = False) -> list[Extract
             f"teacher name {repeated[0]!r} is used twice (teacher.name and extra_teachers[].name): each teacher "
             "needs its own name in the store"
         )
+    _check_ready(cfg)
+    with writer_lease(Path(cfg.extract.store), "dsmd extract"):  # one lease for all teachers
+        return _extract_all(cfg, teachers, replace_stale=replace_stale, repair=repair)
+
+
+def _extract_all(cfg: Config, teachers: list, *, replace_stale: bool, repair: bool) -> list[ExtractSummary]:
     summaries: list[ExtractSummary] = []
     for teacher in teachers:
-        summary = run_extract(replace(cfg, teacher=teacher), replace_stale=replace_stale)
+        summary = _extract_one(replace(cfg, teacher=teacher), replace_stale=replace_stale, repair=repair)
         if summary.replaced_store and summaries:
             # The rebuilt store lost the teachers extracted before this one: fill them again.
             console.print("the store was rebuilt: extracting the earlier teachers again", highlight=False)
-            return run_extract_all(cfg)
+            return _extract_all(cfg, teachers, replace_stale=False, repair=False)
         summaries.append(summary)
     return summaries
+
+
+def _repair(cfg: Config) -> list[str]:
+    """Drop every shard of this teacher that `dsmd store verify` flags (marked complete, but damaged or unusable):
+    the run then writes exactly those again. Returns notes for the summary."""
+    from store.verify import verify_store
+
+    path, name = Path(cfg.extract.store), cfg.teacher.name
+    if not path.exists():
+        return []
+    report = verify_store(path, teachers=[name])
+    if report.store_problems and report.store_problems[0].endswith("no feature store metadata"):
+        return []  # nothing made yet: the run creates the store
+    if report.store_problems:
+        raise DsmdError(
+            f"{report.store_problems[0]}: --repair redoes damaged shards, but this is damage to the store itself; "
+            f"delete {path} and rerun dsmd extract"
+        )
+    damaged = [d for d in report.damaged if d.marked]
+    if not damaged:
+        return [f"--repair: verify found no damaged shards of {name}"]
+    ds = CanonicalDataset.load(cfg.data.canonical_dir)
+    with open_store(cfg, ds) as store:
+        for teacher, kind in sorted({(d.teacher, d.kind) for d in damaged}):
+            store.drop_shards(teacher, kind, [d.shard for d in damaged if (d.teacher, d.kind) == (teacher, kind)])
+    shown = ", ".join(f"{d.teacher}/{d.kind} shard {d.shard} ({d.file})" for d in damaged[:_LISTED])
+    more = f" and {len(damaged) - _LISTED} more" if len(damaged) > _LISTED else ""
+    notes = [f"--repair: redoing {len(damaged)} damaged shard(s): {shown}{more}"]
+    if any(d.kind not in KINDS for d in damaged):
+        notes.append(f"--repair dropped damaged {name}/pair shards: run `dsmd extract-pairs` to write them again")
+    return notes
 
 
 def _start_summary(cfg: Config, store: FeatureStore, tasks: list[ShardTask], workers: int) -> ExtractSummary:
@@ -269,8 +306,9 @@ def _run_dask(cfg: Config) -> ExtractSummary:
                 ]
                 _follow(futures, store, name, selected, tasks, len(placement))
                 errors = [f.exception() for f in futures if f.status == "error"]
-                if errors and isinstance(errors[0], StoreMismatchError):
-                    raise errors[0]  # the arrays were made with another teacher setup: --replace-stale may act
+                if errors and isinstance(errors[0], StoreError):
+                    # e.g. the arrays were made with another teacher setup (--replace-stale may act), or a full disk
+                    raise errors[0]
                 if errors:
                     raise DsmdError(f"a Dask worker failed: {errors[0]}; finished shards are kept, rerun to resume")
                 return _finish(summary, store, [f.result() for f in futures])

@@ -56,6 +56,8 @@ def test_training_drives_every_loss_down_and_validation_recall_up(world, tmp_pat
     student = load_student(out / "student")
     assert student.dim == 32
     assert json.loads((out / "summary.json").read_text())["best_val_rsum"] == pytest.approx(best["rsum"])
+    # The same numbers for `dvc metrics show`, one file per measure in the student's column.
+    assert json.loads((out / "metrics" / "best_val_rsum.json").read_text()) == {"student": pytest.approx(best["rsum"])}
 
 
 @pytest.mark.parametrize(

@@ -119,10 +119,29 @@ def test_repro_runs_every_stage_then_nothing(project):
     assert ran_stages(project["before"]) == {"demo_data", "prepare", "demo_teacher"}
     assert ran_stages(project["rest"]) == {"extract", "distill", "evaluate"}
     metrics = yaml.safe_load((path / "runs/evaluate/metrics.json").read_text())
-    assert metrics["teacher_rsum"] > 0 and metrics["student_rsum"] > 0
-    assert metrics["teacher_parameters"] > 0 and metrics["student_parameters"] > 0
+    assert metrics["teacher"]["rsum"] > 0 and metrics["student"]["rsum"] > 0
+    assert metrics["teacher"]["parameters"] > 0 and metrics["student"]["parameters"] > 0
     again = dvc(path, "repro")
     assert ran_stages(again) == set(), again.stdout
+
+
+def test_metrics_fit_a_terminal_and_plots_render(project, tmp_path):
+    path = project["path"]
+    shown = subprocess.run([str(BIN / "dvc"), "metrics", "show"], cwd=path, env={**_env(), "COLUMNS": "120"},
+                           capture_output=True, text=True, timeout=300, check=True).stdout
+    lines = shown.splitlines()
+    assert max(map(len, lines)) <= 120, shown
+    assert lines[0].split() == ["Path", "chance", "student", "teacher", "teachers.beit3_small"], shown
+    rsum = next(line.split() for line in lines if line.startswith("runs/evaluate/metrics/rsum.json"))
+    metrics = yaml.safe_load((path / "runs/evaluate/metrics.json").read_text())
+    assert float(rsum[2]) == pytest.approx(metrics["student"]["rsum"], abs=1e-4)
+    assert any(line.startswith("runs/distill/metrics/best_val_rsum.json") for line in lines), shown
+
+    dvc(path, "plots", "show", "-o", str(tmp_path / "plots"))
+    page = (tmp_path / "plots" / "index.html").read_text()
+    for plot in ("recall_image_to_text", "recall_text_to_image", "training_loss", "validation_rsum"):
+        assert f"vegaEmbed('#{plot}'" in page, plot
+    assert '"model": "teacher beit3_small"' in page and "Recall@K, text \\u2192 image (test split)" in page
 
 
 def test_killed_extraction_resumed_instead_of_restarting(project):
@@ -178,10 +197,10 @@ def test_ablation_and_mcad_experiments_land_in_the_report(project):
     run([str(BIN / "dsmd"), "experiments", "--out", "runs/experiments"], path)
     table = (path / "runs/experiments/experiments.csv").read_text().splitlines()
     header = table[0].split(",")
-    assert {"distill.losses.cd", "distill.method", "student_rsum"} <= set(header)
+    assert {"distill.losses.cd", "distill.method", "student.rsum", "run.rsum_ratio"} <= set(header)
     rows = {line.split(",")[0]: dict(zip(header, line.split(","), strict=True)) for line in table[1:]}
     assert {"no-cd", "mcad"} <= set(rows) and len(rows) >= 3  # the experiments next to the baseline
-    assert rows["mcad"]["distill.method"] == "mcad" and float(rows["mcad"]["student_rsum"]) > 0
+    assert rows["mcad"]["distill.method"] == "mcad" and float(rows["mcad"]["student.rsum"]) > 0
 
     # The saved table is the evaluate stage's dependency: only evaluate reruns, and the report shows it.
     result = dvc(path, "repro")
@@ -190,4 +209,4 @@ def test_ablation_and_mcad_experiments_land_in_the_report(project):
     assert "## Ablations and other experiments" in report
     assert "| no-cd | False | dsmd |" in report and "| mcad | True | mcad |" in report
     metrics = yaml.safe_load((path / "runs/evaluate/metrics.json").read_text())
-    assert metrics["teacher_beit3_small_rsum"] > 0  # the second teacher, scored next to the first
+    assert metrics["teachers"]["beit3_small"]["rsum"] > 0  # the second teacher, scored next to the first

@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 
 import pytest
+from paths import REPO
 from test_report import report_inputs  # noqa: F401 - the report's inputs, a module fixture
 
+from pipeline.dvc_metrics import from_exp_row, write_by_measure
 from pipeline.errors import DsmdError
 from stages.evaluate.experiments import (
     _without_unchanged_workspace,
     load_saved,
+    metrics_of,
     report_section,
     save_for_report,
 )
@@ -21,8 +24,8 @@ VARYING = ["distill.losses.cd", "distill.method", "distill.seed"]
 
 def _row(name: str, cd: bool, method: str, rsum: float) -> dict:
     return {"experiment": name, "rev": name[:4], "created": "2026-11-25T20:00:00", "distill.losses.cd": cd,
-            "distill.method": method, "distill.seed": 0.0, "student_i2t_r1": 10.0, "student_t2i_r1": 12.5,
-            "student_rsum": rsum, "teacher_rsum": 233.0, "rsum_ratio": rsum / 233.0}
+            "distill.method": method, "distill.seed": 0.0, "student.i2t_r1": 10.0, "student.t2i_r1": 12.5,
+            "student.rsum": rsum, "teacher.rsum": 233.0, "run.rsum_ratio": rsum / 233.0}
 
 
 ROWS = [_row("main", True, "dsmd", 236.4), _row("no-cd", False, "dsmd", 230.1), _row("mcad", True, "mcad", 240.2)]
@@ -32,7 +35,7 @@ def test_workspace_row_is_dropped_only_when_it_repeats_a_result():
     workspace = {**ROWS[0], "experiment": "workspace", "rev": "workspace"}
     assert [r["experiment"] for r in _without_unchanged_workspace(VARYING, [workspace, *ROWS])] == [
         "main", "no-cd", "mcad"]
-    changed = {**workspace, "student_rsum": 200.0}
+    changed = {**workspace, "student.rsum": 200.0}
     assert _without_unchanged_workspace(VARYING, [changed, *ROWS])[0]["experiment"] == "workspace"
 
 
@@ -42,7 +45,7 @@ def test_saved_table_round_trips_and_renders_every_row(tmp_path):
     assert document["rows"] == ROWS and document["varying"] == VARYING
     md, parts = report_section(document, "results/ablations.json")
     text = "\n".join(md)
-    assert "| experiment | distill.losses.cd | distill.method | distill.seed | student_i2t_r1 |" in text
+    assert "| experiment | distill.losses.cd | distill.method | distill.seed | student.i2t_r1 |" in text
     # Parameters as written (DVC returns the seed as a float), metrics rounded.
     assert "| no-cd | False | dsmd | 0 | 10.0 | 12.5 | 230.1 | 233.0 | 0.988 |" in text
     assert "3 runs" in text
@@ -65,6 +68,41 @@ def test_a_broken_table_is_a_clear_error(tmp_path):
     bad.write_text(json.dumps({"rows": "x"}))
     with pytest.raises(DsmdError, match="no rows list"):
         load_saved(bad)
+    bad.write_text(json.dumps({"rows": [], "metrics": ["student.i2t_r1", "student_rsum"]}))
+    with pytest.raises(DsmdError, match="'student_rsum' is a name of the older flat metrics.json.*dsmd experiments"):
+        load_saved(bad)
+
+
+def test_shipped_table_renders_every_run():
+    """results/ablations.json (real runs, kept in git) in the current layout: the demo's report shows them all."""
+    document = load_saved(REPO / "results" / "ablations.json")
+    md, _ = report_section(document, "results/ablations.json")
+    text = "\n".join(md)
+    assert "8 runs" in text
+    # main and mcad as README's Experiments table has them.
+    assert "| main | True | True | True | True | True | dsmd | 0 | 14.1 | 13.7 | 236.4 | 233.0 | 1.015 |" in text
+    assert "| mcad | True | True | True | True | True | mcad | 0 | 16.3 | 14.9 | 255.1 | 233.0 | 1.095 |" in text
+
+
+def test_exp_show_columns_map_back_to_metrics_json_names(tmp_path):
+    """What dvc.api.exp_show returns for metrics/ (columns <dir>/<measure>.json:<model>) read back by name."""
+    written = write_by_measure(tmp_path / "runs/evaluate/metrics", {
+        "student": {"rsum": 236.4, "i2t_r1": 14.1, "parameters": 5_000_000, "name": "not a number"},
+        "teacher": {"rsum": 233.0, "i2t_r1": 15.0},
+        "teachers.beit3_small": {"rsum": 200.0},
+    })
+    assert [path.name for path in written] == ["i2t_r1.json", "parameters.json", "rsum.json"]
+    assert json.loads(written[2].read_text()) == {"student": 236.4, "teacher": 233.0, "teachers.beit3_small": 200.0}
+    row = {"Experiment": "no-cd", "rev": "c9a5752", "distill.losses.cd": False, "params.yaml:student.img_size": 64,
+           "runs/evaluate/metrics/rsum.json:student": 236.4, "runs/evaluate/metrics/rsum.json:teacher": 233.0,
+           "runs/evaluate/metrics/rsum.json:teachers.beit3_small": 200.0,
+           "runs/evaluate/metrics/i2t_r1.json:student": 14.1,
+           "runs/distill/metrics/best_val_rsum.json:student": 240.0}
+    assert from_exp_row(row, "runs/evaluate/metrics") == from_exp_row(row, "./runs/evaluate/metrics/") == {
+        "student.rsum": 236.4, "teacher.rsum": 233.0, "teachers.beit3_small.rsum": 200.0, "student.i2t_r1": 14.1}
+    assert metrics_of(row, "runs/evaluate/metrics")["run.rsum_ratio"] == pytest.approx(236.4 / 233.0)
+    assert from_exp_row(row, "runs/distill/metrics") == {"student.best_val_rsum": 240.0}
+    assert "run.rsum_ratio" not in metrics_of({"runs/evaluate/metrics/rsum.json:student": 1.0}, "runs/evaluate/metrics")
 
 
 def test_report_holds_the_experiments_and_other_teachers(tmp_path, report_inputs):  # noqa: F811
@@ -76,6 +114,9 @@ def test_report_holds_the_experiments_and_other_teachers(tmp_path, report_inputs
     assert "| metric | student | teacher | teacher small | chance |" in md
     assert "## Ablations and other experiments (DVC experiments)" in md and "| mcad | True | mcad | 0 |" in md
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert metrics["teacher_small_rsum"] == pytest.approx(report_inputs["teacher"]["rsum"] - 5)
+    assert list(metrics) == ["student", "teacher", "teachers", "chance", "run"]
+    assert metrics["teachers"]["small"]["rsum"] == pytest.approx(report_inputs["teacher"]["rsum"] - 5)
+    rsum = json.loads((tmp_path / "metrics" / "rsum.json").read_text())
+    assert list(rsum) == ["student", "teacher", "teachers.small", "chance"]
     page = (tmp_path / "report.html").read_text()
     assert 'id="experiments"' in page and page.index("Ablations") < page.index("Example queries")

@@ -88,7 +88,11 @@ def report_inputs(tmp_path_factory):
         "train_log": _write_train_log(root / "train_log.csv"),
         "pca_feats": (teacher_image, student_image),
         "examples": examples,
-        "extra": {"student_params": 197_000_000, "teacher_params": 1_900_000_000, "latency_ms": {"student": 2.1}},
+        "extra": {
+            "student": {"parameters": 197_000_000, "query_ms": 2.1},
+            "teacher": {"name": "beit3", "parameters": 1_900_000_000},
+            "run": {"split": "test", "n_images": n_images, "unknown": None},
+        },
     }
 
 
@@ -99,29 +103,57 @@ def report_dir(tmp_path_factory, report_inputs):
     return out
 
 
-def test_metrics_json_is_flat(report_dir, report_inputs):
+RECALLS = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
+
+
+def test_metrics_json_is_nested_by_model(report_dir, report_inputs):
     metrics = json.loads((report_dir / "metrics.json").read_text())
-    assert all(not isinstance(v, (dict, list)) for v in metrics.values())
-    assert metrics["student_rsum"] == pytest.approx(report_inputs["student"]["rsum"])
-    assert metrics["teacher_i2t_r1"] == pytest.approx(report_inputs["teacher"]["i2t_r1"])
-    assert metrics["chance_t2i_r10"] == pytest.approx(100 * 10 / 60)
-    assert metrics["rsum_ratio"] == pytest.approx(report_inputs["student"]["rsum"] / report_inputs["teacher"]["rsum"])
-    assert metrics["student_params"] == 197_000_000
-    assert metrics["latency_ms_student"] == 2.1
+    assert list(metrics) == ["student", "teacher", "chance", "run"]
+    student, teacher = report_inputs["student"], report_inputs["teacher"]
+    assert list(metrics["student"]) == [*RECALLS, "parameters", "query_ms"]
+    for key in RECALLS:
+        assert metrics["student"][key] == pytest.approx(student[key])
+        assert metrics["teacher"][key] == pytest.approx(teacher[key])
+    assert metrics["student"]["rsum"] == pytest.approx(sum(student[k] for k in RECALLS[:-1]))
+    # 60 images with 5 captions each: a random ranking finds the right image in the top 10 for 10/60 captions.
+    assert metrics["chance"]["t2i_r10"] == pytest.approx(100 * 10 / 60)
+    assert metrics["student"]["parameters"] == 197_000_000 and metrics["student"]["query_ms"] == 2.1
+    assert metrics["teacher"]["name"] == "beit3" and metrics["teacher"]["parameters"] == 1_900_000_000
+    # The run group: what is about no single model; the None fact is left out.
+    assert metrics["run"] == {"rsum_ratio": pytest.approx(student["rsum"] / teacher["rsum"]), "split": "test",
+                              "n_images": 60}
+
+
+def test_metrics_by_measure_for_dvc(report_dir, report_inputs):
+    """metrics/: one file per measure keyed by model (what `dvc metrics show` draws as a row each)."""
+    files = sorted(path.name for path in (report_dir / "metrics").iterdir())
+    assert files == sorted([f"{key}.json" for key in RECALLS] + ["parameters.json", "query_ms.json"])
+    rsum = json.loads((report_dir / "metrics" / "rsum.json").read_text())
+    assert list(rsum) == ["student", "teacher", "chance"]
+    assert rsum["teacher"] == pytest.approx(report_inputs["teacher"]["rsum"])
+    assert json.loads((report_dir / "metrics" / "parameters.json").read_text()) == {
+        "student": 197_000_000, "teacher": 1_900_000_000}
+    assert json.loads((report_dir / "metrics" / "query_ms.json").read_text()) == {"student": 2.1}
 
 
 def test_curves_csv(report_dir, report_inputs):
     with (report_dir / "plots" / "recall_at_k.csv").open() as handle:
         rows = list(csv.DictReader(handle))
-    assert len(rows) == 50 and rows[0]["k"] == "1" and rows[-1]["k"] == "50"
-    assert set(rows[0]) == {"k", "student_i2t", "student_t2i", "teacher_i2t", "teacher_t2i", "chance_i2t", "chance_t2i"}
-    assert float(rows[4]["student_t2i"]) == pytest.approx(report_inputs["student"]["t2i_r5"], abs=1e-3)
+    assert list(rows[0]) == ["k", "model", "i2t", "t2i"] and len(rows) == 3 * 50
+    by_model = {(row["model"], int(row["k"])): row for row in rows}
+    assert {model for model, _ in by_model} == {"student", "teacher", "chance"}
+    assert sorted({k for _, k in by_model}) == list(range(1, 51))
+    assert float(by_model["student", 5]["t2i"]) == pytest.approx(report_inputs["student"]["t2i_r5"], abs=1e-3)
+    assert float(by_model["chance", 10]["t2i"]) == pytest.approx(100 * 10 / 60, abs=1e-3)
 
 
 def test_markdown(report_dir):
     md = (report_dir / "report.md").read_text()
     assert "| metric | student | teacher | chance | BEiT-3 teacher (paper) | DSMD student (paper) |" in md
     assert "| RSUM |" in md and "528.8" in md and "586.5" in md
+    # The details: every fact of metrics.json the retrieval table does not show, named by its place there.
+    assert "| student.parameters | 197,000,000 |" in md and "| teacher.name | beit3 |" in md
+    assert "| run.rsum_ratio | 0.273 |" in md and "student.rsum" not in md
     for figure in ("recall_at_k", "training", "pca"):
         assert f"(figures/{figure}.png)" in md
         assert (report_dir / "figures" / f"{figure}.png").stat().st_size > 1000
@@ -146,8 +178,7 @@ def test_no_paper_column_for_other_datasets(tmp_path, report_inputs):
     md = (tmp_path / "report.md").read_text()
     assert "| metric | student | chance |" in md and "paper" not in md
     metrics = json.loads((tmp_path / "metrics.json").read_text())
-    assert "teacher_rsum" not in metrics and not any(k.endswith("_ratio") for k in metrics)
-    assert metrics["teacher_params"] == 1_900_000_000
+    assert metrics["teacher"] == {"name": "beit3", "parameters": 1_900_000_000} and "rsum_ratio" not in metrics["run"]
     assert "training" not in md
 
 
@@ -180,8 +211,22 @@ def test_train_log_errors(tmp_path):
 
 
 def test_extra_must_not_shadow_metrics(tmp_path, report_inputs):
-    with pytest.raises(DsmdError, match="student_rsum"):
-        write_report(tmp_path, **{**report_inputs, "extra": {"student_rsum": 1.0}, "train_log": None})
+    inputs = {**report_inputs, "train_log": None, "pca_feats": None}
+    with pytest.raises(DsmdError, match="student.rsum would overwrite"):
+        write_report(tmp_path, **{**inputs, "extra": {"student": {"rsum": 1.0}}})
+    with pytest.raises(DsmdError, match="'latency' is not a group"):
+        write_report(tmp_path, **{**inputs, "extra": {"latency": {"student": 2.1}}})
+    with pytest.raises(DsmdError, match=r"run.sizes is a list"):
+        write_report(tmp_path, **{**inputs, "extra": {"run": {"sizes": [1, 2]}}})
+
+
+def test_a_stale_measure_file_goes(tmp_path, report_inputs):
+    inputs = {**report_inputs, "train_log": None, "pca_feats": None, "examples": None}
+    write_report(tmp_path, **inputs)
+    fewer = {name: {k: v for k, v in inputs[name].items() if not k.endswith("_r10")}
+             for name in ("student", "teacher", "chance")}
+    write_report(tmp_path, **{**inputs, **fewer})
+    assert not (tmp_path / "metrics" / "i2t_r10.json").exists() and (tmp_path / "metrics" / "i2t_r5.json").exists()
 
 
 def test_pca_separates_shifted_clouds():

@@ -2,7 +2,8 @@
 
 Outputs under distill.out_dir: ``student/`` (the best student by validation RSUM: safetensors + card),
 ``checkpoints/last.pt`` (everything to resume), ``train_log.csv`` (every loss, balancer weight and magnitude
-and the learning rate per optimiser step), ``val_log.csv`` (Recall@K per epoch) and ``summary.json``.
+and the learning rate per optimiser step), ``val_log.csv`` (Recall@K per epoch), ``summary.json`` and the same
+numbers in ``metrics/`` (one file per measure, pipeline.dvc_metrics).
 """
 
 from __future__ import annotations
@@ -27,6 +28,7 @@ from pipeline.config import Config
 from pipeline.console import console, make_progress
 from pipeline.data.canonical import CanonicalDataset
 from pipeline.data.pairs import usable_pairs
+from pipeline.dvc_metrics import write_by_measure
 from pipeline.encode import encode_images, encode_texts
 from pipeline.errors import DsmdError
 from pipeline.models.student import Student, load_vocab_tokenizer, make_tokenizer, save_student
@@ -473,6 +475,8 @@ class Trainer:
         summary = self._summary(samples, seconds)
         if self.ranks.is_main:
             (self.out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+            # For `dvc metrics show`: a row per number, in the student's column next to evaluate's models.
+            write_by_measure(self.out / "metrics", {"student": summary})
             console.print(
                 f"[green]distill done[/green]: {self.step} steps, best val RSUM {self.best_rsum:.1f} "
                 f"at epoch {self.best_epoch}; student in {self.out / 'student'}"

@@ -30,7 +30,8 @@ def register(app: typer.Typer) -> None:
 
         from stages.evaluate.experiments import cell_text, collect, save_for_report, write_table
 
-        varying, rows = collect(".")
+        cfg = get_config(ctx)
+        varying, rows = collect(".", f"{cfg.evaluate.out_dir}/metrics")
         paths = write_table(out, varying, rows)
         # The files hold every column; on the terminal, what each run changed against the first row (the
         # baseline) and its scores fit any width.
@@ -41,11 +42,10 @@ def register(app: typer.Typer) -> None:
             changed = [f"{k.removeprefix('distill.')}={cell_text(row.get(k), False)}"
                        for k in varying if row.get(k) != rows[0].get(k)]
             table.add_row(str(row["experiment"]), " ".join(changed) or "-",
-                          *(f"{row[m]:.3f}" if m == "rsum_ratio" else f"{row[m]:.1f}" if row.get(m) is not None else ""
-                            for m in ("student_rsum", "teacher_rsum", "rsum_ratio")))
+                          *(cell_text(row.get(m)) for m in ("student.rsum", "teacher.rsum", "run.rsum_ratio")))
         console.print(table)
         console.print(f"{len(rows)} experiment(s): {paths['md']}, {paths['html']}, {paths['csv']}")
-        target = get_config(ctx).evaluate.ablations
+        target = cfg.evaluate.ablations
         if for_report and target:
             save_for_report(Path(target), varying, rows)
             console.print(f"saved for the report: {target} (`dvc repro` reruns evaluate with it)", highlight=False)

@@ -2,7 +2,9 @@
 
 Rows come from DVC itself (dvc.api.exp_show): the baseline commit and every experiment with metrics (the
 workspace too, when its results differ from the baseline's). Columns are the parameters that differ between
-those rows, then the student's recalls, RSUM, the teacher's RSUM and the student/teacher ratio.
+those rows, then the student's recalls, RSUM, the teacher's RSUM and the student/teacher ratio, named by their
+place in the evaluate stage's metrics.json (``student.rsum``, ``run.rsum_ratio``); DVC reads them from the
+stage's metrics/ directory (one file per measure, pipeline.dvc_metrics).
 
 The table is also saved as JSON at evaluate.ablations (a file kept in git, a dependency of the evaluate stage),
 from which the evaluation report renders its ablation section: gathering new experiments reruns only evaluate.
@@ -16,31 +18,47 @@ import json
 import time
 from pathlib import Path
 
+from pipeline.dvc_metrics import from_exp_row
 from pipeline.errors import DsmdError
 
-METRICS = ["student_i2t_r1", "student_t2i_r1", "student_rsum", "teacher_rsum", "rsum_ratio"]
+METRICS = ["student.i2t_r1", "student.t2i_r1", "student.rsum", "teacher.rsum", "run.rsum_ratio"]
 PARAM_PREFIXES = ("distill.", "student.", "teacher.", "demo.")
 
 
-def collect(repo: str = ".") -> tuple[list[str], list[dict]]:
-    """(varying parameter names, rows) for every DVC experiment of the repository that has metrics."""
+def collect(repo: str = ".", metrics_dir: str = "runs/evaluate/metrics") -> tuple[list[str], list[dict]]:
+    """(varying parameter names, rows) for every DVC experiment of the repository that has metrics.
+
+    ``metrics_dir``: the evaluate stage's metrics/ directory, relative to the repository (evaluate.out_dir)."""
     import dvc.api
 
     try:
         raw = dvc.api.exp_show(repo=repo)
     except Exception as exc:  # dvc raises many kinds; all mean "not a usable DVC repository here"
         raise DsmdError(f"cannot list DVC experiments in {repo}: {exc}") from None
-    rows = [row for row in raw if isinstance(row.get("student_rsum"), (int, float))]
+    rows = [(row, metrics_of(row, metrics_dir)) for row in raw]
+    rows = [(row, metrics) for row, metrics in rows if isinstance(metrics.get("student.rsum"), (int, float))]
     if not rows:
-        raise DsmdError("no experiment with evaluation metrics yet: run `dvc repro` or `dvc exp run` first")
-    params = sorted({k for row in rows for k in row if k.startswith(PARAM_PREFIXES)})
-    varying = [k for k in params if len({str(row.get(k)) for row in rows}) > 1]
+        raise DsmdError(
+            f"no experiment with evaluation metrics in {metrics_dir} yet: run `dvc repro` or `dvc exp run` first"
+        )
+    params = sorted({k for row, _ in rows for k in row if k.startswith(PARAM_PREFIXES)})
+    varying = [k for k in params if len({str(row.get(k)) for row, _ in rows}) > 1]
     table = []
-    for row in rows:
+    for row, metrics in rows:
         name = row.get("Experiment") or row.get("rev") or "?"
         table.append({"experiment": name, "rev": row.get("rev"), "created": row.get("Created"),
-                      **{k: row.get(k) for k in varying}, **{m: row.get(m) for m in METRICS}})
+                      **{k: row.get(k) for k in varying}, **{m: metrics.get(m) for m in METRICS}})
     return varying, _without_unchanged_workspace(varying, table)
+
+
+def metrics_of(row: dict, metrics_dir: str) -> dict:
+    """One exp_show row's evaluation metrics by their metrics.json names, with the student / teacher RSUM
+    ratio (not a DVC metric: metrics/ holds the models' own numbers)."""
+    metrics = from_exp_row(row, metrics_dir)
+    student, teacher = metrics.get("student.rsum"), metrics.get("teacher.rsum")
+    if isinstance(student, (int, float)) and isinstance(teacher, (int, float)) and teacher:
+        metrics["run.rsum_ratio"] = student / teacher
+    return metrics
 
 
 def _without_unchanged_workspace(varying: list[str], table: list[dict]) -> list[dict]:
@@ -75,6 +93,13 @@ def load_saved(path: str | Path) -> dict | None:
         raise DsmdError(f"{path}: not valid JSON ({exc}); regenerate it with `dsmd experiments`") from None
     if not isinstance(document, dict) or not isinstance(document.get("rows"), list):
         raise DsmdError(f"{path}: not an experiments table (no rows list); regenerate it with `dsmd experiments`")
+    flat = [name for name in document.get("metrics", METRICS) if "." not in str(name)]
+    if flat:
+        # Tables gathered before metrics.json was nested by model name their columns student_rsum, rsum_ratio.
+        raise DsmdError(
+            f"{path}: metric {flat[0]!r} is a name of the older flat metrics.json; regenerate the table with "
+            "`dsmd experiments`, or rename its metrics as metrics.json nests them (student.rsum, run.rsum_ratio)"
+        )
     return document
 
 

@@ -2,10 +2,13 @@
 
 ``write_report`` takes plain inputs (dicts, arrays, paths), so it can be fed by the evaluate stage or by hand,
 and writes into ``out_dir``:
-- ``metrics.json``: flat keys for ``dvc metrics``: ``student_*``, ``teacher_*``, ``chance_*``, ``*_ratio``
-  (student / teacher) and whatever ``extra`` holds (parameter counts, latencies, sizes);
-- ``plots/recall_at_k.csv``: Recall@K for K = 1..50 per model and direction, for ``dvc plots``
-  (x: ``k``; y: ``student_i2t``, ``student_t2i``, ``teacher_*``, ``chance_*``);
+- ``metrics.json``: the whole record, nested by model: ``student``, ``teacher``, ``teachers`` (one group per
+  further teacher), ``chance``, each with its Recall@K (``i2t_r1`` ...), ``rsum`` and the facts ``extra`` gives
+  it (parameter count, latency), and ``run`` for what is not about one model (split, image and caption counts,
+  ``rsum_ratio`` = student / teacher RSUM);
+- ``metrics/``: the same numbers per model, one file per measure (pipeline.dvc_metrics), for ``dvc metrics``;
+- ``plots/recall_at_k.csv``: Recall@K for K = 1..50, one row per K and model (columns ``k``, ``model``, ``i2t``,
+  ``t2i``), for ``dvc plots`` (dvc.yaml draws one line per model);
 - ``report.md`` with its figures in ``figures/``, and ``report.html``, self-contained: figures and thumbnails
   are embedded as base64 PNG, nothing is fetched.
 
@@ -29,9 +32,10 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.dvc_metrics import write_by_measure
 from pipeline.errors import DsmdError
 
-__all__ = ["write_report", "read_train_log", "pca_2d", "PAPER_RESULTS"]
+__all__ = ["write_report", "metrics_document", "read_train_log", "pca_2d", "PAPER_RESULTS"]
 
 # Reported results of the DSMD paper (METHOD.md), in percent.
 PAPER_RESULTS: dict[str, dict[str, dict[str, float]]] = {
@@ -76,16 +80,22 @@ def _metric_label(key: str) -> str:
     return key
 
 
-def _flatten(prefix: str, value: Any, out: dict[str, Any]) -> None:
-    if isinstance(value, dict):
-        for key, inner in value.items():
-            _flatten(f"{prefix}_{key}" if prefix else str(key), inner, out)
-    elif isinstance(value, (np.integer, np.floating)):
-        out[prefix] = value.item()
-    elif value is None or isinstance(value, (bool, int, float, str)):
-        out[prefix] = value
-    else:
-        raise DsmdError(f"report extra: {prefix} is a {type(value).__name__}; give numbers, text or dicts of them")
+def _scalar(where: str, value: Any) -> Any:
+    if isinstance(value, (np.integer, np.floating, np.bool_)):
+        return value.item()
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    raise DsmdError(f"report extra: {where} is a {type(value).__name__}; give a number or text")
+
+
+def _leaves(tree: dict[str, Any], prefix: str = ""):
+    """(dotted path, key, value) of every non-dict value of a nested dict, in order."""
+    for key, value in tree.items():
+        path = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict):
+            yield from _leaves(value, path)
+        else:
+            yield path, key, value
 
 
 # ---------------------------------------------------------------- inputs
@@ -295,46 +305,83 @@ def _format_value(value: Any) -> str:
 # ---------------------------------------------------------------- outputs
 
 
-def _write_metrics_json(
-    path: Path, student, teacher, chance, extra, other_teachers: dict[str, dict] | None = None
-) -> tuple[dict[str, Any], list[str]]:
-    """Write metrics.json; return its content and the keys that are not recall metrics (the details)."""
+_GROUPS = ("student", "teacher", "teachers", "chance", "run")
+
+
+def metrics_document(
+    student: dict[str, float],
+    teacher: dict[str, float] | None,
+    chance: dict[str, float],
+    other_teachers: dict[str, dict[str, float]] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The content of metrics.json: a group per model with its recalls and the facts ``extra`` gives it
+    (``{"student": {...}, "teacher": {...}, "teachers": {name: {...}}, "run": {...}}``), and the run group."""
     from pipeline.retrieval.metrics import ratios
 
-    flat: dict[str, Any] = {}
-    others = [(f"teacher_{name}", values) for name, values in (other_teachers or {}).items()]
-    for prefix, values in (("student", student), ("teacher", teacher or {}), *others, ("chance", chance)):
-        for key, value in values.items():
-            flat[f"{prefix}_{key}"] = float(value)
+    def numbers(values: dict[str, float]) -> dict[str, float]:
+        return {key: float(value) for key, value in values.items()}
+
+    document: dict[str, Any] = {"student": numbers(student)}
     if teacher:
-        flat.update(ratios(student, teacher))
-    extra_flat: dict[str, Any] = {}
-    _flatten("", extra, extra_flat)
-    clash = sorted(set(extra_flat) & set(flat))
-    if clash:
-        raise DsmdError(f"report extra: key {clash[0]!r} would overwrite a metric; rename it")
-    details = [key for key in flat if key.endswith("_ratio")] + list(extra_flat)
-    flat.update(extra_flat)
-    path.write_text(json.dumps(flat, indent=2) + "\n")
-    return flat, details
+        document["teacher"] = numbers(teacher)
+    if other_teachers:
+        document["teachers"] = {name: numbers(values) for name, values in other_teachers.items()}
+    document["chance"] = numbers(chance)
+    headline = ratios(student, teacher).get("rsum_ratio") if teacher else None
+    document["run"] = {} if headline is None else {"rsum_ratio": headline}
+    for group, facts in (extra or {}).items():
+        if group == "teachers":
+            if not isinstance(facts, dict):
+                raise DsmdError("report extra: teachers must map each teacher's name to its facts")
+            for name, values in facts.items():
+                _add_facts(document.setdefault("teachers", {}).setdefault(name, {}), values, f"teachers.{name}")
+        elif group in ("student", "teacher", "run"):
+            _add_facts(document.setdefault(group, {}), facts, group)
+        else:
+            raise DsmdError(f"report extra: {group!r} is not a group of metrics.json (student, teacher, teachers, run)")
+    return {group: document[group] for group in _GROUPS if group in document}
+
+
+def _add_facts(target: dict[str, Any], facts: Any, where: str) -> None:
+    if not isinstance(facts, dict):
+        raise DsmdError(f"report extra: {where} must map names to values, got a {type(facts).__name__}")
+    for key, value in facts.items():
+        if key in target:
+            raise DsmdError(f"report extra: {where}.{key} would overwrite a metric; rename it")
+        value = _scalar(f"{where}.{key}", value)
+        if value is not None:
+            target[key] = value
+
+
+def _write_metrics(out_dir: Path, document: dict[str, Any]) -> None:
+    """metrics.json, and its models' numbers one file per measure in metrics/ for `dvc metrics show`."""
+    (out_dir / "metrics.json").write_text(json.dumps(document, indent=2) + "\n")
+    models = {group: document[group] for group in ("student", "teacher") if group in document}
+    models.update({f"teachers.{name}": values for name, values in document.get("teachers", {}).items()})
+    models["chance"] = document["chance"]
+    write_by_measure(out_dir / "metrics", models)
 
 
 def _write_curves_csv(path: Path, curves: dict[str, dict[str, Sequence[float]]]) -> None:
-    series = {
-        f"{model}_{direction}": list(values)
+    """One row per K and model: the long form lets dvc.yaml draw a line per model without naming the models
+    (further teachers differ between recipes)."""
+    lengths = {
+        f"{model} {direction}": len(values)
         for model, per_direction in curves.items()
         for direction, values in per_direction.items()
     }
-    lengths = {name: len(values) for name, values in series.items()}
     if len(set(lengths.values())) > 1:
         raise DsmdError(f"recall curves must all have the same length (K = 1..max), got {lengths}")
     n = next(iter(lengths.values()), 0)
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("w", newline="") as handle:
         writer = csv.writer(handle)
-        writer.writerow(["k", *series])
-        for k in range(n):
-            writer.writerow([k + 1, *(f"{series[name][k]:.4f}" for name in series)])
+        writer.writerow(["k", "model", "i2t", "t2i"])
+        for model, per_direction in curves.items():
+            for k in range(n):
+                cells = [f"{per_direction[d][k]:.4f}" if d in per_direction else "" for d in ("i2t", "t2i")]
+                writer.writerow([k + 1, model, *cells])
 
 
 _CSS = """
@@ -371,20 +418,21 @@ def write_report(
     other_teachers: dict[str, dict[str, float]] | None = None,
     experiments: tuple[list[str], list[str]] | None = None,
 ) -> dict[str, Path]:
-    """Write metrics.json, plots/recall_at_k.csv, figures/, report.md and report.html into ``out_dir``.
+    """Write metrics.json, metrics/, plots/recall_at_k.csv, figures/, report.md and report.html into ``out_dir``.
 
-    - ``student``, ``teacher``, ``chance``: flat metric dicts as ``retrieval_metrics`` / ``chance_metrics``
+    - ``student``, ``teacher``, ``chance``: flat metric dicts as ``recall_from_ranks`` / ``chance_metrics``
       return them (``teacher`` may be None).
     - ``curves``: ``{"student": {"i2t": [R@1, R@2, ...], "t2i": [...]}, "teacher": ..., "chance": ...}`` in
-      percent (``recall_curves`` / ``chance_curves``).
+      percent (``recall_curves`` / ``chance_curves``); a key per line drawn (e.g. ``"teacher beit3_small"``).
     - ``train_log``: the distill log CSV (step, epoch, lr, loss columns, w_<loss>, a_<loss>), optional.
     - ``pca_feats``: (teacher features, student features) of the same items, optional.
     - ``examples``: ``[{"query": text, "query_path": optional image, "results": [{"path" or "text",
       "score", "correct"}]}]``, optional.
-    - ``extra``: scalars (or dicts of them, flattened with ``_``) added to metrics.json and the details
-      table: parameter counts, per-query latency, split sizes, ...
+    - ``extra``: facts added to metrics.json and the details table, by group: ``{"student": {"parameters": n,
+      "query_ms": t}, "teacher": {...}, "teachers": {name: {...}}, "run": {"split": ..., "n_images": ...}}``;
+      numbers or text (None is left out), never a recall of the same group.
     - ``other_teachers``: name -> metrics of further teachers on the same items (a column each, and
-      ``teacher_<name>_<metric>`` in metrics.json), optional.
+      ``teachers.<name>`` in metrics.json), optional.
     - ``experiments``: the experiments section, (Markdown lines, HTML parts) from experiments.report_section.
     Returns the written paths by name.
     """
@@ -395,10 +443,10 @@ def write_report(
     figures_dir.mkdir(parents=True)
     written: dict[str, Path] = {}
 
-    flat, detail_keys = _write_metrics_json(
-        out_dir / "metrics.json", student, teacher, chance, extra or {}, other_teachers
-    )
+    document = metrics_document(student, teacher, chance, other_teachers, extra)
+    _write_metrics(out_dir, document)
     written["metrics"] = out_dir / "metrics.json"
+    written["metrics_by_measure"] = out_dir / "metrics"
     _write_curves_csv(out_dir / "plots" / "recall_at_k.csv", curves)
     written["curves"] = out_dir / "plots" / "recall_at_k.csv"
 
@@ -414,7 +462,8 @@ def write_report(
         (figures_dir / f"{stem}.png").write_bytes(png)
 
     header, rows = _metric_table(dataset_name, student, teacher, chance, other_teachers)
-    details = [[key, _format_value(flat[key])] for key in detail_keys]
+    # Everything in metrics.json that the retrieval table does not already show.
+    details = [[path, _format_value(value)] for path, key, value in _leaves(document) if key not in student]
     example_blocks = _render_examples(examples or [], figures_dir)
 
     title = f"dsmd evaluation: {dataset_name}"

@@ -22,6 +22,7 @@ from pipeline.errors import DsmdError
 from pipeline.models.student import load_student, read_card
 from pipeline.retrieval.index import build_index, time_search
 from pipeline.retrieval.metrics import (
+    RetrievalRanks,
     chance_curves,
     chance_metrics,
     recall_curves,
@@ -41,7 +42,7 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _query_latency(student, tokenize, texts: list[str], index, device, n: int = 50) -> dict[str, float]:
+def _query_latency(student, tokenize, texts: list[str], index, device, n: int = 50) -> float:
     """Median milliseconds to tokenise, encode and search one caption, as an online query would."""
     times = []
     with torch.inference_mode():
@@ -52,7 +53,7 @@ def _query_latency(student, tokenize, texts: list[str], index, device, n: int = 
             index.search(query, 10)
             times.append(time.perf_counter() - start)
     times = times[1:]  # the first call pays for warm-up
-    return {"query_ms_median": 1000 * float(np.median(times)) if times else 0.0}
+    return 1000 * float(np.median(times)) if times else 0.0
 
 
 def _examples(ds, texts, caption_image_ids, text_emb, index, n: int) -> list[dict]:
@@ -72,8 +73,8 @@ def _examples(ds, texts, caption_image_ids, text_emb, index, n: int) -> list[dic
     return examples
 
 
-def _other_teachers(reader, main: str, images, captions, caption_rows, ks, budget: int) -> dict[str, dict]:
-    """Recall of every other dual-stream teacher in the store (e.g. MCAD's second teacher) on the same items;
+def _other_teachers(reader, main: str, images, captions, caption_rows, budget: int) -> dict[str, RetrievalRanks]:
+    """Ranks of every other dual-stream teacher in the store (e.g. MCAD's second teacher) on the same items;
     a teacher without a valid row for each of them is left out rather than scored on another task."""
     found = {}
     arrays = set(reader.arrays())
@@ -83,10 +84,14 @@ def _other_teachers(reader, main: str, images, captions, caption_rows, ks, budge
         if not (reader.valid(name, "image")[images].all() and reader.valid(name, "text")[captions].all()):
             console.print(f"teacher {name}: not every evaluated item has its features; left out of the report")
             continue
-        ranks = retrieval_ranks(reader.get(name, "image", images), reader.get(name, "text", captions), caption_rows,
-                                memory_budget_mb=budget)
-        found[name] = recall_from_ranks(ranks, ks)
+        found[name] = retrieval_ranks(reader.get(name, "image", images), reader.get(name, "text", captions),
+                                      caption_rows, memory_budget_mb=budget)
     return found
+
+
+def _parameters(reader, teacher: str) -> int | None:
+    """The teacher's parameter count as extraction recorded it, when it did."""
+    return reader.provenance(teacher, "image").get("teacher", {}).get("parameters")
 
 
 def run_evaluate(cfg: Config) -> dict:
@@ -136,12 +141,14 @@ def run_evaluate(cfg: Config) -> dict:
     teacher_ranks = retrieval_ranks(teacher_image, teacher_text, caption_rows, memory_budget_mb=budget)
     student_metrics = recall_from_ranks(student_ranks, ev.ks)
     teacher_metrics = recall_from_ranks(teacher_ranks, ev.ks)
-    other_teachers = _other_teachers(reader, teacher_name, images, captions, caption_rows, ev.ks, budget)
+    other_ranks = _other_teachers(reader, teacher_name, images, captions, caption_rows, budget)
+    other_teachers = {name: recall_from_ranks(ranks, ev.ks) for name, ranks in other_ranks.items()}
     chance = chance_metrics(len(images), caption_rows, ev.ks)
     max_k = min(CURVE_MAX_K, len(images))
     curves = {
         "student": recall_curves(student_ranks, max_k),
         "teacher": recall_curves(teacher_ranks, max_k),
+        **{f"teacher {name}": recall_curves(ranks, max_k) for name, ranks in other_ranks.items()},
         "chance": chance_curves(len(images), caption_rows, max_k),
     }
 
@@ -158,20 +165,24 @@ def run_evaluate(cfg: Config) -> dict:
     text_index.save(out / "index" / "captions")
     (out / "index" / "captions" / "texts.json").write_text(json.dumps(texts))
 
-    latency = _query_latency(student, student.tokenize, texts, image_index, device)
-    latency.update({f"search_{k}": v for k, v in time_search(image_index, text_emb[:200], k=10).items()})
-    teacher_params = reader.provenance(teacher_name, "image").get("teacher", {}).get("parameters")
+    search = time_search(image_index, text_emb[:200], k=10)
     extra = {
-        "split": ev.split,
-        "n_images": len(images),
-        "n_captions": len(captions),
-        "student_parameters": sum(p.numel() for p in student.parameters()),
-        "teacher_parameters": teacher_params,
-        "encode_seconds": round(encode_seconds, 3),
-        "index": image_index.meta.get("plan", ""),
-        **latency,
+        "student": {
+            "parameters": sum(p.numel() for p in student.parameters()),
+            "query_ms": _query_latency(student, student.tokenize, texts, image_index, device),
+            "search_ms": search["single_query_ms"],
+            "search_batch_ms": search["batched_ms_per_query"],
+        },
+        "teacher": {"name": teacher_name, "parameters": _parameters(reader, teacher_name)},
+        "teachers": {name: {"parameters": _parameters(reader, name)} for name in other_ranks},
+        "run": {
+            "split": ev.split,
+            "n_images": len(images),
+            "n_captions": len(captions),
+            "encode_seconds": round(encode_seconds, 3),
+            "index": image_index.meta.get("plan", ""),
+        },
     }
-    extra = {k: v for k, v in extra.items() if v is not None}
     train_log = Path(cfg.distill.out_dir) / "train_log.csv"
     n_pca = min(len(images), 500)
     written = write_report(
@@ -194,4 +205,4 @@ def run_evaluate(cfg: Config) -> dict:
         f"({100 * student_metrics['rsum'] / max(teacher_metrics['rsum'], 1e-9):.1f}%), chance {chance['rsum']:.1f}; "
         f"report: {written['html']}"
     )
-    return {"student": student_metrics, "teacher": teacher_metrics, "chance": chance, **extra}
+    return json.loads(written["metrics"].read_text())

@@ -28,7 +28,10 @@ app = typer.Typer(
 @app.callback()
 def _root(
     ctx: typer.Context,
-    params: Path = typer.Option(Path("params.yaml"), "--params", "-p", help="Settings file (DVC's params.yaml)."),
+    params: Path = typer.Option(
+        Path("params.yaml"), "--params", "-p",
+        help="Settings file (DVC's params.yaml); settings it leaves out keep their defaults.",
+    ),
     overrides: list[str] = typer.Option(
         [], "--set", "-S", help="Override a setting, e.g. --set distill.lr=3e-4 (repeatable)."
     ),
@@ -45,11 +48,39 @@ def _setting(cfg: object, dotted: str) -> object:
 
 
 @app.command("config")
-def show_config(ctx: typer.Context) -> None:
-    """Print the effective configuration (params.yaml plus overrides) as YAML."""
-    from pipeline.config import dump_config
+def show_config(
+    ctx: typer.Context,
+    defaults: bool = typer.Option(
+        False, "--defaults", help="Start from the built-in defaults (the demo) instead of the params file."
+    ),
+    out: Path | None = typer.Option(
+        None, "--out", "-o", help="Write to this file (whole or not at all) instead of printing; e.g. params.yaml."
+    ),
+) -> None:
+    """Print every setting (the params file, missing keys at their defaults, plus --set overrides) as YAML: the
+    full params.yaml that DVC needs, e.g. from a recipe: dsmd --params recipes/flickr30k.yaml config --out
+    params.yaml"""
+    from pipeline.config import DEFAULTS_HEADER, dump_config, load_config, write_config
 
-    typer.echo(dump_config(get_config(ctx)))
+    root = ctx.find_root().obj
+    overrides = root["overrides"]
+    cfg = load_config(None, overrides) if defaults else get_config(ctx)
+    if defaults and not overrides:
+        header = DEFAULTS_HEADER
+    else:
+        source = "the built-in defaults" if defaults else f"{root['params']} over the built-in defaults"
+        header = (
+            f"Every dsmd setting: {source}, written by `dsmd config`.\n"
+            "DVC reads params.yaml too and needs every key that dvc.yaml names, so all are here.\n"
+            "pipeline/config/schema.py gives each setting's meaning and allowed range."
+        )
+        if overrides:
+            header += "\nOverrides: --set " + " --set ".join(overrides)
+    if out is None:
+        typer.echo(dump_config(cfg, header), nl=False)
+    else:
+        write_config(cfg, out, header)
+        console.print(f"settings written to {out}", highlight=False)
 
 
 COMMANDS_GROUP = "dsmd.commands"

@@ -55,7 +55,8 @@ class World:
                         "text_layers": 1, "text_heads": 2, "max_text_len": 24},
             "distill": {"teacher": "beit3", "epochs": 2, "batch_size": 20, "loader_workers": 0, "device": "cpu",
                         "precision": "fp32", "checkpoint_every": 0, "lr": 1e-3, "lr_step_epochs": [100],
-                        "losses": {"queue_size": 64}},
+                        "val_batch_size": 64, "losses": {"queue_size": 64}},
+            "extra_teachers": [],  # the demo's defaults add its second teacher
             "evaluate": {"batch_size": 64},
         }
 

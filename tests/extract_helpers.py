@@ -48,6 +48,7 @@ def base_params(world: World) -> dict:
         # nothing from more, and on a busy machine spinning threads cost far more than they give).
         "extract": {"device": "cpu", "rows_per_shard": 8, "rows_per_chunk": 8, "image_batch_size": 4,
                     "text_batch_size": 8, "loader_workers": 0, "cpu_threads": 1},
+        "extra_teachers": [],  # the demo's defaults add its second teacher
     }
 
 

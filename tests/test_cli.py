@@ -27,6 +27,7 @@ def test_help_lists_the_commands():
 
 
 def test_config_error_is_one_line_and_exit_2(tmp_path):
+    (tmp_path / "params.yaml").write_text("{}\n")
     result = run_dsmd("--set", "distill.lrr=1", "config", cwd=tmp_path)
     assert result.returncode == 2
     lines = [line for line in result.stderr.splitlines() if line.strip()]
@@ -41,6 +42,35 @@ def test_params_file_is_read_and_overridden(tmp_path):
     assert result.returncode == 0, result.stderr
     assert "epochs: 7" in result.stdout
     assert "lr: 0.5" in result.stdout
+    assert result.stdout.startswith("# Every dsmd setting: params.yaml over the built-in defaults")
+
+
+def test_missing_params_file_is_one_line_naming_the_fix(tmp_path):
+    result = run_dsmd("--params", "nosuch.yaml", "distill", cwd=tmp_path)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, result.stderr
+    assert "nosuch.yaml: no such settings file" in lines[0] and "dsmd config --defaults --out nosuch.yaml" in lines[0]
+
+
+def test_out_of_range_setting_stops_before_any_work(tmp_path):
+    (tmp_path / "params.yaml").write_text("distill:\n  batch_size: -32\n")
+    result = run_dsmd("distill", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "params.yaml: distill.batch_size: -32 is out of range; it must be >= 1" in result.stderr
+    assert not (tmp_path / "runs").exists()
+
+
+def test_config_out_writes_a_full_params_file_over_its_source(tmp_path):
+    params = tmp_path / "params.yaml"
+    params.write_text("distill:\n  lr: 3e-4\n  epochs: 9\n")
+    result = CliRunner().invoke(app, ["--params", str(params), "-S", "demo.seed=4", "config", "--out", str(params)])
+    assert result.exit_code == 0, result.output
+    text = params.read_text()
+    assert "\n# Overrides: --set demo.seed=4\n" in text and "  epochs: 9\n" in text and "  seed: 4\n" in text
+    from pipeline.config import load_config
+
+    assert load_config(params) == load_config(None, ["distill.lr=3e-4", "distill.epochs=9", "demo.seed=4"])
 
 
 COMMANDS = [
@@ -88,6 +118,7 @@ def test_help_does_not_import_torch():
 
 
 def test_error_text_is_not_read_as_markup(tmp_path):
+    (tmp_path / "params.yaml").write_text("{}\n")
     result = run_dsmd("--set", "distill.x[red]y=1", "config", cwd=tmp_path)
     assert result.returncode == 2
     assert "x[red]y" in result.stderr

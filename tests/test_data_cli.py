@@ -12,9 +12,11 @@ from pipeline.data.check import load_bad_images
 
 
 def settings(tmp_path, source, root) -> list[str]:
+    params = tmp_path / "params.yaml"
+    params.write_text("{}\n")  # every setting at its default, then the --set below
     return [
         "--params",
-        str(tmp_path / "no_params.yaml"),
+        str(params),
         "--set",
         f"data.source={source}",
         "--set",

@@ -39,6 +39,8 @@ def tiny_overrides(canonical: Path, out: Path) -> list[str]:
         f"demo_teacher.out_dir={out}", "demo_teacher.embed_dim=32", "demo_teacher.layers=1",
         "demo_teacher.heads=2", "demo_teacher.ffn_dim=48", "demo_teacher.vocab_size=60", "demo_teacher.epochs=2",
         "demo_teacher.batch_size=16", "demo_teacher.patch_size=8",
+        # No second teacher unless a test asks for one (the demo's defaults name one).
+        "extra_teachers=[]", "demo_teacher.second.name=",
     ]
 
 
@@ -90,7 +92,9 @@ def test_cli_demo_teacher_reports_recall_and_chance(tmp_path, canonical):
 
     @app.callback()
     def root(ctx: typer.Context, overrides: list[str] = typer.Option([], "--set")) -> None:
-        ctx.obj = {"params": tmp_path / "absent.yaml", "overrides": list(overrides)}
+        ctx.obj = {"params": tmp_path / "params.yaml", "overrides": list(overrides)}
+
+    (tmp_path / "params.yaml").write_text("{}\n")  # the defaults, then the --set below
 
     register_demo(app)
     register_teacher(app)

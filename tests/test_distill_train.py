@@ -89,6 +89,19 @@ def test_ablations_from_configuration(world, tmp_path, changes):
         assert row["total"] == pytest.approx(expected, rel=1e-4)
 
 
+def test_validation_scores_distills_own_ks_not_evaluates(world, tmp_path):
+    """distill.val_ks choose the student that is kept (DVC reruns distill when they change); evaluate.ks are
+    evaluate's alone."""
+    params = write_params(world, tmp_path, {"distill": {"epochs": 1, "val_ks": [1, 3], "val_batch_size": 7},
+                                            "evaluate": {"ks": [5], "batch_size": 1}})
+    summary = Trainer(load(params)).train()
+    (row,) = read_csv(tmp_path / "out" / "val_log.csv")
+    recalls = ["i2t_r1", "i2t_r3", "t2i_r1", "t2i_r3"]
+    assert set(row) == {"step", "epoch", *recalls, "rsum"}
+    assert row["rsum"] == pytest.approx(sum(row[k] for k in recalls), abs=1e-3)
+    assert summary["best_val_rsum"] == pytest.approx(row["rsum"])
+
+
 def test_gradient_accumulation_never_splits_a_step_across_epochs(world, tmp_path):
     # 300 pairs in micro-batches of 20: 15 micro-batches, 7 whole steps of 2 per epoch (the 15th is left out).
     params = write_params(world, tmp_path, {"distill": {"epochs": 2, "batch_size": 40, "grad_accum": 2}})

@@ -237,7 +237,9 @@ def test_export_without_dataset_or_int8_encoder_fails_clearly(world, tmp_path):
     params.write_text(json.dumps({"data": {"canonical_dir": str(tmp_path / "none")}}))
     result = CliRunner().invoke(app, ["--params", str(params), "export", "--out", str(tmp_path / "e")])
     assert isinstance(result.exception, DsmdError)
-    result = CliRunner().invoke(app, ["export", "--no-int8", "--out", str(tmp_path / "e")])
+    defaults = tmp_path / "defaults.yaml"
+    defaults.write_text("{}\n")  # every setting at its default, wherever the tests run from
+    result = CliRunner().invoke(app, ["--params", str(defaults), "export", "--no-int8", "--out", str(tmp_path / "e")])
     assert isinstance(result.exception, DsmdError) and "--encoder float" in str(result.exception)
 
 

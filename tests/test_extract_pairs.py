@@ -67,7 +67,8 @@ def make_config(tmp_path: Path) -> Config:
                                 img_size=32, max_text_len=16)
     cfg.extract = ExtractConfig(store=str(tmp_path / "features.zarr"), dtype="float32", device="cpu",
                                 loader_workers=0, image_batch_size=3, rows_per_shard=4, rows_per_chunk=2)
-    cfg.distill.mcad = McadConfig(fused_teacher="beit3", teachers=["dual"], pair_splits=["train"])
+    cfg.distill.mcad = McadConfig(fused_teacher="beit3", teachers=["dual"], teacher_weights=[1.0],
+                                  pair_splits=["train"])
     return cfg
 
 
@@ -196,6 +197,8 @@ def test_refusals(extracted, tmp_path):
 
 def test_cli_if_mcad_does_nothing_for_dsmd(tmp_path):
     app = typer.Typer()
+
+    (tmp_path / "params.yaml").write_text("{}\n")  # the defaults: distill.method is dsmd
 
     @app.callback()
     def root(ctx: typer.Context) -> None:

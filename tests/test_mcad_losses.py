@@ -228,12 +228,12 @@ def test_configuration_errors():
     with pytest.raises(ConfigError, match="positive sum"):
         McadLosses(McadConfig(teachers=["dual"], teacher_weights=[0.0]), weight)
     with pytest.raises(ConfigError, match="both off"):
-        McadLosses(McadConfig(teachers=["dual"], kl=False, fd=False), weight)
+        McadLosses(McadConfig(teachers=["dual"], teacher_weights=[1.0], kl=False, fd=False), weight)
     with pytest.raises(ConfigError, match="temperature"):
-        McadLosses(McadConfig(teachers=["dual"], temperature=0.0), weight)
+        McadLosses(McadConfig(teachers=["dual"], teacher_weights=[1.0], temperature=0.0), weight)
     with pytest.raises(DsmdError, match="extract-pairs"):
-        McadLosses(McadConfig(teachers=["other"]), weight)
-    losses = McadLosses(McadConfig(teachers=["dual"]), weight)
+        McadLosses(McadConfig(teachers=["other"], teacher_weights=[1.0]), weight)
+    losses = McadLosses(McadConfig(teachers=["dual"], teacher_weights=[1.0]), weight)
     with pytest.raises(DsmdError, match="lacks the features"):
         losses(torch.ones(1, 2), torch.ones(1, 2), {}, torch.ones(1, 2))
 
@@ -252,7 +252,7 @@ def test_names_combine_with_the_dsmd_losses_in_one_balancer():
 
 
 def test_objective_adds_the_dsmd_losses_on_the_unmodified_first_teacher():
-    cfg = McadConfig(beta=0.5, temperature=0.1, teachers=["dual"], dsmd_losses=True)
+    cfg = McadConfig(beta=0.5, temperature=0.1, teachers=["dual"], teacher_weights=[1.0], dsmd_losses=True)
     weight = torch.randn(6, 4, generator=torch.Generator().manual_seed(0))
     objective = McadObjective(cfg, LossesConfig(queue_size=8), {"dual": weight}, dim=4)
     assert objective.names == ["cd", "fd", "sd", "hnd", "kl", "mfd"]
@@ -270,6 +270,7 @@ def test_objective_adds_the_dsmd_losses_on_the_unmodified_first_teacher():
     torch.testing.assert_close(queued, t_v)
     assert queued_ids.tolist() == ids.tolist()
     # Without dsmd_losses: only the MCAD names, and enqueue does nothing.
-    plain = McadObjective(McadConfig(teachers=["dual"]), LossesConfig(), {"dual": weight}, dim=4)
+    plain_cfg = McadConfig(teachers=["dual"], teacher_weights=[1.0])
+    plain = McadObjective(plain_cfg, LossesConfig(), {"dual": weight}, dim=4)
     assert plain.names == ["kl", "mfd"] and plain.dsmd is None
     plain.enqueue(rows, ids)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from pipeline.config import stage_config
 from pipeline.console import get_config
 
 
@@ -22,4 +23,5 @@ def register(app: typer.Typer) -> None:
         from stages.distill.train import run_distill
 
         mode = "auto" if resume is None else ("yes" if resume else "no")
-        run_distill(get_config(ctx), resume=mode)
+        # Only the settings pipeline/config/stages.py declares for distill: a read of another raises.
+        run_distill(stage_config(get_config(ctx), "distill"), resume=mode)

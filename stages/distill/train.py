@@ -44,6 +44,7 @@ from stages.distill.methods import method_for
 # learning-rate steps and balancer periods do not depend on the total), so a finished run can be extended.
 RUNTIME_SETTINGS = {
     "device", "loader_workers", "checkpoint_every", "out_dir", "tensorboard", "load_store_in_ram", "epochs",
+    "val_batch_size",
 }
 
 
@@ -172,7 +173,7 @@ class Trainer:
             ["step", "epoch", "lr", *self.value_names, *balancer_columns, "samples_per_s"],
             (lambda row: int(row["step"]) <= step) if resumed else None,
         ) if self.ranks.is_main else None
-        ks = cfg.evaluate.ks
+        ks = dc.val_ks
         self.val_log = CsvLog(
             self.out / "val_log.csv",
             ["step", "epoch", *[f"{d}_r{k}" for d in ("i2t", "t2i") for k in ks], "rsum"],
@@ -405,7 +406,7 @@ class Trainer:
     def validate(self) -> dict[str, float] | None:
         if len(self.val_images) == 0 or len(self.val_captions) == 0:
             return None
-        student, dc, ev = self.student, self.cfg.distill, self.cfg.evaluate
+        student, dc = self.student, self.cfg.distill
         student.eval()
         image_emb, decoded = encode_images(
             student.encode_image,
@@ -413,7 +414,7 @@ class Trainer:
             self.val_images,
             student.image_transform(),
             dim=self.dim,
-            batch_size=ev.batch_size,
+            batch_size=dc.val_batch_size,
             device=self.device,
             workers=dc.loader_workers,
         )
@@ -421,7 +422,7 @@ class Trainer:
             student.encode_text,
             _Tokenize(student.tokenizer, self.cfg.student.max_text_len),
             self.ds.texts(self.val_captions),
-            batch_size=ev.batch_size,
+            batch_size=dc.val_batch_size,
             device=self.device,
         )
         student.train()
@@ -429,7 +430,7 @@ class Trainer:
         caption_image = np.array([row_of[int(i)] for i in self.ds.caption_image_ids()[self.val_captions]])
         keep = decoded[caption_image]
         image_emb[~decoded] = 0.0
-        return retrieval_metrics(image_emb, text_emb[keep], caption_image[keep], ev.ks)
+        return retrieval_metrics(image_emb, text_emb[keep], caption_image[keep], dc.val_ks)
 
     def _card(self, metrics: dict | None) -> dict:
         return {

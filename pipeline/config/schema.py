@@ -1,0 +1,273 @@
+"""Every setting of every stage, typed, with its allowed range and its default.
+
+The defaults ARE the built-in demo: params.yaml is exactly what `dsmd config --defaults` prints (a test keeps the
+two equal). Where the demo departs from the paper's recipe (recipes/ hold the paper's settings), the comment at
+the field says why; in short, the demo must run on a CPU in minutes and its students start from scratch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Annotated, Literal
+
+from pipeline.config.rules import Items, NonNegFloat, NonNegInt, Pattern, PosFloat, PosInt, Range, Seed
+
+# Split names, teacher names: at least one, none twice.
+Names = Annotated[list[str], Items(min=1, unique=True)]
+Ks = Annotated[list[PosInt], Items(min=1, unique=True)]
+
+
+@dataclass
+class DataConfig:
+    # Source of the dataset: a Karpathy split JSON or a CSV / JSONL / Parquet table (one row per caption).
+    source: str = "data/shapes/dataset_shapes.json"
+    format: Literal["auto", "karpathy", "csv", "jsonl", "parquet"] = "auto"
+    images_root: str = "data/shapes/images"
+    name: str = "shapes"
+    # Where the canonical representation (images.parquet, captions.parquet, dataset.json) is written.
+    canonical_dir: str = "data/canonical"
+    # Table column names (ignored for Karpathy JSON).
+    image_column: str = "image"
+    caption_column: str = "caption"
+    image_id_column: str = "image_id"
+    split_column: str = "split"
+    # Split for table rows without one (no split column or a blank cell); empty = such rows are an error.
+    default_split: Literal["", "train", "val", "test"] = ""
+
+
+@dataclass
+class DemoConfig:
+    """The built-in "shapes world" dataset."""
+
+    seed: Seed = 0
+    out_dir: str = "data/shapes"
+    # 2,000 training images (Flickr30k has 29,000): the whole demo runs on a CPU in minutes.
+    n_train: PosInt = 2000
+    # 0 is allowed: distill then skips validation and keeps the last epoch's student.
+    n_val: NonNegInt = 500
+    n_test: NonNegInt = 1000
+    # The renderer needs 16 pixels at least.
+    image_size: Annotated[int, Range(ge=16)] = 64
+    captions_per_image: PosInt = 5
+
+
+@dataclass
+class TeacherConfig:
+    kind: Literal["beit3", "clip"] = "beit3"
+    # The teacher's name in the feature store: each teacher of a run needs its own.
+    name: str = "beit3"
+    # Local paths only: nothing is ever downloaded.
+    checkpoint: str = "data/teacher/demo_beit3.pth"
+    # beit3: "base" | "large" | "giant" or a path to a JSON config (as the demo and the fixtures use).
+    size: str = "data/teacher/demo_beit3.json"
+    tokenizer: str = "data/teacher/demo_beit3.spm"
+    # The official checkpoints see 384 px; the demo's images are 64 px.
+    img_size: PosInt = 64
+    max_text_len: PosInt = 64
+
+
+def _demo_second_teacher() -> list[TeacherConfig]:
+    # The demo's second teacher, fitted by the demo (demo_teacher.second) and mixed in by MCAD (distill.mcad).
+    return [
+        TeacherConfig(
+            name="beit3_small",
+            checkpoint="data/teacher/demo_beit3_small.pth",
+            size="data/teacher/demo_beit3_small.json",
+            tokenizer="data/teacher/demo_beit3_small.spm",
+        )
+    ]
+
+
+@dataclass
+class DemoSecondTeacherConfig:
+    """The demo's second dual-stream teacher, for MCAD's teacher mix: fitted like the first on the same data,
+    smaller and from another seed. It is written where the extra_teachers entry of the same name points; an
+    empty name fits none."""
+
+    name: str = "beit3_small"
+    embed_dim: PosInt = 96
+    layers: PosInt = 2
+    heads: PosInt = 4
+    ffn_dim: PosInt = 192
+    seed: Seed = 1
+
+
+@dataclass
+class DemoTeacherConfig:
+    """Fitting the small BEiT-3 that stands in for the official checkpoints in the demo."""
+
+    out_dir: str = "data/teacher"
+    embed_dim: PosInt = 128
+    layers: PosInt = 4
+    heads: PosInt = 4
+    ffn_dim: PosInt = 256
+    # The sentencepiece trainer needs 8 pieces at least.
+    vocab_size: Annotated[int, Range(ge=8)] = 400
+    # Patch side in pixels: 16 as the official models; at the demo's 64 px that is a 4 x 4 grid.
+    patch_size: PosInt = 16
+    epochs: PosInt = 6
+    batch_size: PosInt = 128
+    lr: PosFloat = 1e-3
+    seed: Seed = 0
+    second: DemoSecondTeacherConfig = field(default_factory=DemoSecondTeacherConfig)
+
+
+@dataclass
+class ExtractConfig:
+    store: str = "data/features.zarr"
+    backend: Literal["zarr", "hdf5"] = "zarr"
+    dtype: Literal["float16", "float32"] = "float16"
+    device: str = "auto"
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    image_batch_size: PosInt = 64
+    text_batch_size: PosInt = 256
+    # 0 = images are loaded in the extracting process.
+    loader_workers: NonNegInt = 2
+    # Torch CPU threads per extraction process; 0 = its share of the cores minus its loader workers.
+    cpu_threads: NonNegInt = 0
+    # A shard is a whole number of chunks: rows_per_shard must be a multiple of rows_per_chunk.
+    rows_per_shard: PosInt = 4096
+    rows_per_chunk: PosInt = 256
+    # Dask: 0 = no cluster (in-process); N > 0 = local cluster of N workers; or a scheduler address.
+    dask_workers: NonNegInt = 0
+    dask_scheduler: str = ""
+    splits: Names = field(default_factory=lambda: ["train", "val", "test"])
+
+
+@dataclass
+class StudentConfig:
+    # timm architecture name (built with random weights unless vision_checkpoint is given). The demo's ViT-Tiny
+    # starts from scratch (nothing to download); the paper's ViT-B/16 starts from ImageNet weights (recipes/).
+    vision_model: str = "vit_tiny_patch16_224"
+    vision_checkpoint: str = ""
+    # img_size must be a multiple of patch_size. The demo: 16 px patches at 64 px, a 4 x 4 grid (patch 8 would be
+    # four times the tokens, and CPU time); the paper: 16 px patches at 224 px.
+    img_size: PosInt = 64
+    patch_size: PosInt = 16
+    # A local Hugging Face directory for the text encoder, or empty to build BERT from the sizes below
+    # (text_hidden must then be a multiple of text_heads).
+    text_model_dir: str = ""
+    text_hidden: PosInt = 192
+    text_layers: PosInt = 4
+    text_heads: PosInt = 3
+    text_vocab_size: NonNegInt = 0  # 0 = size of the tokenizer built for the demo
+    max_text_len: PosInt = 32
+
+
+@dataclass
+class LossesConfig:
+    cd: bool = True
+    fd: bool = True
+    sd: bool = True
+    hnd: bool = True
+    tau: PosFloat = 0.05
+    # The paper's 8192 (its best, Table 8) would be most of an epoch here: the demo has 10,000 training pairs.
+    queue_size: PosInt = 4096
+    queue_mask_same_image: bool = True
+    # The paper's margin is 0. Students trained from scratch (no ImageNet / BERT weights in the demo) stall with
+    # margin 0 under the balancer, which scales the near-zero hinge loss up ~250x (README, validation RSUM 115
+    # with margin 0 against 318 with 0.2 in the distill tests).
+    margin: NonNegFloat = 0.2
+    # "hardest" (paper), "hardest_sum" and "all_sum" (official code variants).
+    hnd_mode: Literal["hardest", "hardest_sum", "all_sum"] = "hardest"
+
+
+@dataclass
+class BalancerConfig:
+    enabled: bool = True
+    temperature: PosFloat = 1.0
+    # Update period for the rate term: "epoch" or a number of steps.
+    period: Annotated[str, Pattern(r"epoch|[0-9]*[1-9][0-9]*", "'epoch' or a positive number of steps")] = "epoch"
+    # "raw" (METHOD.md) or "scaled" (the official code's variant, where the rate term does nothing).
+    rate_on: Literal["raw", "scaled"] = "raw"
+
+
+@dataclass
+class McadConfig:
+    # Weight of the fused teacher's features in the modified features (any finite number).
+    beta: float = 0.5
+    temperature: PosFloat = 0.05
+    # Store name of the single-stream teacher whose <name>/pair rows are fused (dsmd extract-pairs writes them
+    # under teacher.name, so the two must agree); teachers: the dual-stream teachers, the first sets the
+    # student's space (feature distillation) and must be distill.teacher, all of them the distributions,
+    # averaged with teacher_weights (one per teacher, 0 or more, not all 0). The demo mixes its two teachers
+    # equally.
+    fused_teacher: str = "beit3"
+    teachers: Names = field(default_factory=lambda: ["beit3", "beit3_small"])
+    teacher_weights: Annotated[list[NonNegFloat], Items(min=1)] = field(default_factory=lambda: [0.5, 0.5])
+    kl: bool = True
+    fd: bool = True
+    # Splits whose pairs dsmd extract-pairs encodes (the losses and the alignment fit use train only).
+    pair_splits: Names = field(default_factory=lambda: ["train"])
+    # Ridge of the least-squares alignment fit (0: plain least squares, min-norm when singular).
+    align_ridge: NonNegFloat = 0.0
+    # Also apply the DSMD losses enabled in distill.losses (on the first teacher's unmodified features).
+    dsmd_losses: bool = False
+
+
+@dataclass
+class DistillConfig:
+    method: Literal["dsmd", "mcad"] = "dsmd"
+    # The store name of the teacher whose features the student learns.
+    teacher: str = "beit3"
+    out_dir: str = "runs/distill"
+    # The paper: 20 epochs at lr 1e-4, times 0.1 after epoch 10 (recipes/). The demo: 5 epochs at 3e-4, times 0.1
+    # after epoch 4, so that a CPU trains it in minutes.
+    epochs: PosInt = 5
+    # The global batch (over all ranks); it must split evenly into grad_accum micro-batches.
+    batch_size: PosInt = 64
+    grad_accum: PosInt = 1
+    lr: PosFloat = 3e-4
+    weight_decay: NonNegFloat = 1e-4
+    # Epochs after which the learning rate is multiplied by lr_gamma. Steps past `epochs` are allowed: a run
+    # can be extended later (epochs is a run-time setting), and a step past the last epoch never happens.
+    lr_step_epochs: list[PosInt] = field(default_factory=lambda: [4])
+    lr_gamma: Annotated[float, Range(gt=0, le=1)] = 0.1
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = "auto"
+    device: str = "auto"
+    loader_workers: NonNegInt = 2
+    # Optimiser steps between checkpoints within an epoch; 0 = only at the end of each epoch.
+    checkpoint_every: NonNegInt = 500
+    seed: Seed = 0
+    load_store_in_ram: bool = False
+    tensorboard: bool = False
+    # Validation after each epoch picks the student that is kept (best RSUM, the sum of Recall@K over val_ks in
+    # both directions). The same values as evaluate.ks by default, but distill's own: DVC reruns distill when
+    # they change, which it would not for evaluate's.
+    val_ks: Ks = field(default_factory=lambda: [1, 5, 10])
+    val_batch_size: PosInt = 256
+    losses: LossesConfig = field(default_factory=LossesConfig)
+    balancer: BalancerConfig = field(default_factory=BalancerConfig)
+    mcad: McadConfig = field(default_factory=McadConfig)
+
+
+@dataclass
+class EvaluateConfig:
+    split: str = "test"
+    out_dir: str = "runs/evaluate"
+    ks: Ks = field(default_factory=lambda: [1, 5, 10])
+    index: Literal["auto", "exact", "faiss"] = "auto"
+    memory_budget_mb: PosInt = 2048
+    batch_size: PosInt = 256
+    device: str = "auto"
+    # Example queries shown in the report.
+    examples: NonNegInt = 4
+    # The experiments table that the report shows (written by `dsmd experiments`, kept in git; a dependency of
+    # the DVC evaluate stage, so it must exist there).
+    ablations: str = "results/ablations.json"
+
+
+@dataclass
+class Config:
+    data: DataConfig = field(default_factory=DataConfig)
+    demo: DemoConfig = field(default_factory=DemoConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    # More dual-stream teachers that `dsmd extract` runs into the same store after `teacher` (MCAD mixes them:
+    # distill.mcad.teachers names them). Each needs its own name. The demo has one, its second demo teacher;
+    # DSMD ignores it.
+    extra_teachers: list[TeacherConfig] = field(default_factory=_demo_second_teacher)
+    demo_teacher: DemoTeacherConfig = field(default_factory=DemoTeacherConfig)
+    extract: ExtractConfig = field(default_factory=ExtractConfig)
+    student: StudentConfig = field(default_factory=StudentConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)

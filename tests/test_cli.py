@@ -106,6 +106,7 @@ def test_without_installed_commands_the_cli_says_how_to_install_them(tmp_path):
 
 def test_store_commands_default_to_the_configured_store(tmp_path):
     missing = tmp_path / "elsewhere.zarr"
+    (tmp_path / "params.yaml").write_text("{}\n")  # all defaults: a missing settings file is an error
     result = run_dsmd("--set", f"extract.store={missing}", "store", "info", cwd=tmp_path)
     assert result.returncode == 2
     assert str(missing) in result.stderr

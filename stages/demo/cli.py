@@ -7,6 +7,7 @@ from pathlib import Path
 
 import typer
 
+from pipeline.config import stage_config
 from pipeline.console import console, get_config, make_progress
 from pipeline.errors import DsmdError
 
@@ -22,7 +23,7 @@ def data(ctx: typer.Context) -> None:
     """Generate the shapes-world demo dataset (settings: demo.*)."""
     from stages.demo.shapes import generate_shapes
 
-    cfg = get_config(ctx).demo
+    cfg = stage_config(get_config(ctx), "demo_data").demo
     started = time.perf_counter()
     path = generate_shapes(cfg)
     total = cfg.n_train + cfg.n_val + cfg.n_test
@@ -45,15 +46,17 @@ def teacher(ctx: typer.Context) -> None:
     from pipeline.data.canonical import CanonicalDataset
     from stages.demo.teacher import second_teacher_config
 
-    cfg = get_config(ctx)
+    full = get_config(ctx)
+    # Only the settings pipeline/config/stages.py declares for demo_teacher: a read of another raises.
+    cfg = stage_config(full, "demo_teacher")
     if not (Path(cfg.data.canonical_dir) / "dataset.json").exists():
         raise DsmdError(f"{cfg.data.canonical_dir}: no canonical dataset yet; run `dsmd demo data` and "
                         "`dsmd data prepare` first")
-    second = second_teacher_config(cfg)  # checked before the first fit, not after it
+    second = second_teacher_config(full)  # checked before the first fit, not after it
     dataset = CanonicalDataset.load(cfg.data.canonical_dir)
     _fit_and_report(cfg, dataset, FIT_REPORT)
     if second is not None:
-        _fit_and_report(second, dataset, FIT_REPORT.replace(".json", f"_{second.teacher.name}.json"))
+        _fit_and_report(stage_config(second, "demo_teacher"), dataset, FIT_REPORT.replace(".json", f"_{second.teacher.name}.json"))
 
 
 def _fit_and_report(cfg, dataset, report_name: str) -> None:

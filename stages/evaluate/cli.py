@@ -6,6 +6,7 @@ from pathlib import Path
 
 import typer
 
+from pipeline.config import stage_config
 from pipeline.console import console, get_config
 
 
@@ -15,7 +16,7 @@ def register(app: typer.Typer) -> None:
         """Score the student and the teacher (from the store) on the test split; save indexes and a report."""
         from stages.evaluate.run import run_evaluate
 
-        run_evaluate(get_config(ctx))
+        run_evaluate(stage_config(get_config(ctx), "evaluate"))
 
     @app.command("experiments")
     def experiments(

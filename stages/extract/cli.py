@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from pipeline.config import stage_config
 from pipeline.console import config_with
 
 
@@ -40,5 +41,6 @@ def register(app: typer.Typer) -> None:
             "extract.dask_workers": dask_workers,
             "extract.dask_scheduler": scheduler,
         }
-        cfg = config_with(ctx, flags)
+        # Only the settings pipeline/config/stages.py declares for extract: a read of another raises.
+        cfg = stage_config(config_with(ctx, flags), "extract")
         run_extract_all(cfg, replace_stale=replace_stale, repair=repair)

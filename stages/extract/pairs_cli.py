@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import typer
 
+from pipeline.config import stage_config
 from pipeline.console import config_with, console
 
 
@@ -27,7 +28,7 @@ def register(app: typer.Typer) -> None:
             "extract.image_batch_size": batch_size,
             "extract.loader_workers": workers,
         }
-        cfg = config_with(ctx, flags)
+        cfg = stage_config(config_with(ctx, flags), "extract")
         if if_mcad and cfg.distill.method != "mcad":
             console.print(f"extract-pairs: distill.method is {cfg.distill.method}, nothing to do")
             return

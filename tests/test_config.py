@@ -20,6 +20,7 @@ from pipeline.config import (
     load_config,
     parse_override,
     read_yaml,
+    replace_settings,
     stage_config,
     to_dict,
     validate_config,
@@ -408,3 +409,17 @@ def test_stage_config_gives_only_the_declared_settings():
     assert extract.distill.mcad.teachers == cfg.distill.mcad.teachers
     with pytest.raises(UndeclaredSetting, match=r"distill\.mcad\.beta"):
         extract.distill.mcad.beta  # noqa: B018
+
+
+def test_a_stage_view_copies_with_changes_and_stays_a_view():
+    cfg = Config()
+    view = stage_config(cfg, "extract")
+    other = dataclasses.replace(cfg.teacher, name="second")
+    swapped = replace_settings(view, teacher=other)
+    assert swapped.teacher.name == "second" and view.teacher.name == cfg.teacher.name
+    assert swapped.extract is cfg.extract
+    with pytest.raises(UndeclaredSetting, match=r"stage extract read evaluate"):
+        swapped.evaluate  # noqa: B018
+    with pytest.raises(UndeclaredSetting, match=r"stage extract read student"):
+        replace_settings(view, student=cfg.student)
+    assert replace_settings(cfg, teacher=other).teacher.name == "second"  # a plain Config as dataclasses.replace

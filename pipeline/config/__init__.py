@@ -37,7 +37,14 @@ from pipeline.config.schema import (
     StudentConfig,
     TeacherConfig,
 )
-from pipeline.config.stages import STAGE_PARAMS, STAGES, StageSettings, UndeclaredSetting, stage_config
+from pipeline.config.stages import (
+    STAGE_PARAMS,
+    STAGES,
+    StageSettings,
+    UndeclaredSetting,
+    replace_settings,
+    stage_config,
+)
 from pipeline.errors import ConfigError
 
 __all__ = [
@@ -68,6 +75,7 @@ __all__ = [
     "parse_override",
     "read_params_file",
     "read_yaml",
+    "replace_settings",
     "stage_config",
     "to_dict",
     "validate_config",

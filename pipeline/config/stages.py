@@ -30,7 +30,7 @@ from typing import Any
 from pipeline.config.schema import Config
 from pipeline.errors import ConfigError
 
-__all__ = ["StageSettings", "STAGES", "STAGE_PARAMS", "stage_config", "UndeclaredSetting"]
+__all__ = ["StageSettings", "STAGES", "STAGE_PARAMS", "stage_config", "replace_settings", "UndeclaredSetting"]
 
 
 @dataclass(frozen=True)
@@ -132,6 +132,18 @@ def stage_config(cfg: Config, stage: str) -> Config:
     for key in allowed:
         _resolve(cfg, key)  # a typo in a declaration fails here, not at the read
     return _Section(stage, cfg, "", allowed)  # type: ignore[return-value]
+
+
+def replace_settings(cfg: Config, **changes: Any) -> Config:
+    """dataclasses.replace for the settings a stage holds, a stage's view (from stage_config) included: the copy
+    is the same kind of view, so a stage that swaps its teacher or worker count still sees only what it
+    declares. Changing a setting the stage does not declare raises UndeclaredSetting."""
+    if not isinstance(cfg, _Section):
+        return dataclasses.replace(cfg, **changes)
+    for name in changes:
+        getattr(cfg, name)  # an undeclared key raises here, as a read would
+    node = dataclasses.replace(cfg._node, **changes)
+    return _Section(cfg._stage, node, cfg._path, cfg._allowed)  # type: ignore[return-value]
 
 
 def _resolve(cfg: Config, key: str) -> Any:

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import time
 from collections import Counter
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from rich.markup import escape
 
-from pipeline.config import Config
+from pipeline.config import Config, replace_settings
 from pipeline.console import console, make_progress
 from pipeline.data.canonical import CanonicalDataset
 from pipeline.errors import DsmdError
@@ -122,7 +122,7 @@ def run_extract_all(cfg: Config, *, replace_stale: bool = False, repair: bool = 
 def _extract_all(cfg: Config, teachers: list, *, replace_stale: bool, repair: bool) -> list[ExtractSummary]:
     summaries: list[ExtractSummary] = []
     for teacher in teachers:
-        summary = _extract_one(replace(cfg, teacher=teacher), replace_stale=replace_stale, repair=repair)
+        summary = _extract_one(replace_settings(cfg, teacher=teacher), replace_stale=replace_stale, repair=repair)
         if summary.replaced_store and summaries:
             # The rebuilt store lost the teachers extracted before this one: fill them again.
             console.print("the store was rebuilt: extracting the earlier teachers again", highlight=False)

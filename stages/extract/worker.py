@@ -20,7 +20,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from pipeline.config import Config
+from pipeline.config import Config, replace_settings
 from pipeline.data.canonical import CanonicalDataset
 from pipeline.data.check import load_bad_images
 from pipeline.errors import DsmdError
@@ -228,7 +228,7 @@ def fill_on_worker(cfg: Config, tasks: list[ShardTask], local_index: int = 0, pr
     notes = []
     if cfg.extract.loader_workers > 0 and multiprocessing.current_process().daemon:
         # A daemonic process may not start children, so no DataLoader workers here.
-        cfg = replace(cfg, extract=replace(cfg.extract, loader_workers=0))
+        cfg = replace_settings(cfg, extract=replace(cfg.extract, loader_workers=0))
         notes.append(
             "a daemonic Dask worker decoded images itself (extract.loader_workers ignored); start the workers "
             "with distributed.worker.daemon: false to decode in parallel"

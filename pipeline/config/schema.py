@@ -228,6 +228,9 @@ class DistillConfig:
     loader_workers: NonNegInt = 2
     # Optimiser steps between checkpoints within an epoch; 0 = only at the end of each epoch.
     checkpoint_every: NonNegInt = 500
+    # Also checkpoint when this many minutes passed since the last save (0 = off): a cadence that fits any run
+    # length, so a kill loses at most this much work whatever the steps per epoch.
+    checkpoint_minutes: NonNegFloat = 10.0
     seed: Seed = 0
     load_store_in_ram: bool = False
     tensorboard: bool = False

@@ -7,12 +7,14 @@ checkpoint intact. Loading uses weights_only=True: a checkpoint is data, never c
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 import torch
 
 from pipeline.errors import DsmdError
+from store.fsutil import is_disk_full
 
 LAST = "last.pt"
 
@@ -31,10 +33,25 @@ def set_rng_state(state: dict) -> None:
 
 
 def save_checkpoint(path: Path, state: dict) -> None:
+    """Write atomically. A failed write (a full disk above all) removes the temporary file and leaves the
+    previous checkpoint as it was, so the rerun resumes from it once space is freed."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    torch.save(state, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as exc:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise write_failed(path, exc, "training resumes from the previous checkpoint") from None
+
+
+def write_failed(path: Path, exc: BaseException, kept: str) -> DsmdError:
+    """One line for a failed write: a full disk said plainly (torch's own writer reports it only as "file
+    write failed"), anything else with its reason."""
+    if is_disk_full(exc) or "write failed" in str(exc):
+        return DsmdError(f"no space left on device writing {path}; free space and rerun: {kept}")
+    return DsmdError(f"could not write {path} ({type(exc).__name__}: {exc}); {kept}")
 
 
 def load_checkpoint(path: Path) -> dict:

@@ -21,6 +21,7 @@ from torch.utils.data import Dataset, Sampler
 from pipeline.data.canonical import CanonicalDataset
 from pipeline.data.images import BadImageError, load_rgb
 from pipeline.errors import DsmdError
+from stages.distill.guard import bad_teacher_rows, describe_rows
 
 
 @dataclass
@@ -31,6 +32,7 @@ class PairBatch:
     tokens: dict[str, torch.Tensor]
     teacher_image: torch.Tensor
     teacher_text: torch.Tensor
+    bad_rows: tuple[str, ...] = ()  # teacher rows that are not finite or not unit norm (stages.distill.guard)
 
     def pin_memory(self) -> PairBatch:
         # DataLoader(pin_memory=True) calls this on custom batch types; without it the batch stays pageable
@@ -42,6 +44,7 @@ class PairBatch:
             {k: v.pin_memory() for k, v in self.tokens.items()},
             self.teacher_image.pin_memory(),
             self.teacher_text.pin_memory(),
+            self.bad_rows,
         )
 
 
@@ -98,13 +101,20 @@ class PairCollate:
         if self._reader is None:  # opened once per worker process, never pickled
             self._reader = self.open_reader()
         items, caption_ids, image_ids = decoded_items(items, "`dsmd extract`")
+        teacher_image = self._reader.get(self.teacher, "image", image_ids)
+        teacher_text = self._reader.get(self.teacher, "text", caption_ids)
+        bad = describe_rows({
+            f"{self.teacher}/image": bad_teacher_rows(teacher_image, image_ids),
+            f"{self.teacher}/text": bad_teacher_rows(teacher_text, caption_ids),
+        })
         return PairBatch(
             image_ids=torch.from_numpy(image_ids),
             caption_ids=torch.from_numpy(caption_ids),
             pixels=torch.stack([item[2] for item in items]),
             tokens=self.tokenize([item[3] for item in items]),
-            teacher_image=torch.from_numpy(self._reader.get(self.teacher, "image", image_ids)),
-            teacher_text=torch.from_numpy(self._reader.get(self.teacher, "text", caption_ids)),
+            teacher_image=torch.from_numpy(teacher_image),
+            teacher_text=torch.from_numpy(teacher_text),
+            bad_rows=bad,
         )
 
 

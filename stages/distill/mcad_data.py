@@ -19,6 +19,7 @@ from pipeline.alignment import alignment_name, load_alignment
 from pipeline.config import McadConfig
 from pipeline.errors import DsmdError
 from stages.distill.data import decoded_items
+from stages.distill.guard import bad_teacher_rows, describe_rows
 from stages.distill.mcad import McadRows
 from store import open_store
 from store.extras import get_extra
@@ -43,6 +44,7 @@ class McadBatch:
     teacher_image: dict[str, torch.Tensor]  # dual teacher name -> (B, D_m) rows of the pairs' images
     teacher_text: dict[str, torch.Tensor]  # dual teacher name -> (B, D_m) rows of the pairs' captions
     fused: torch.Tensor  # (B, d_fused) the fused teacher's pair rows
+    bad_rows: tuple[str, ...] = ()  # teacher rows that are not finite or not unit norm (stages.distill.guard)
 
     def teacher_rows(
         self, device: torch.device | str, gather: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -66,6 +68,7 @@ class McadBatch:
             {k: v.pin_memory() for k, v in self.teacher_image.items()},
             {k: v.pin_memory() for k, v in self.teacher_text.items()},
             self.fused.pin_memory(),
+            self.bad_rows,
         )
 
 
@@ -155,12 +158,19 @@ class McadCollate:
             self._reader = self.open_reader()
         reader = self._reader
         items, caption_ids, image_ids = decoded_items(items, "`dsmd extract` and `dsmd extract-pairs`")
+        image = {n: reader.get(n, "image", image_ids) for n in self.teachers}
+        text = {n: reader.get(n, "text", caption_ids) for n in self.teachers}
+        fused = reader.get(self.fused_teacher, "pair", caption_ids)
+        bad = {f"{n}/image": bad_teacher_rows(image[n], image_ids) for n in self.teachers}
+        bad.update({f"{n}/text": bad_teacher_rows(text[n], caption_ids) for n in self.teachers})
+        bad[f"{self.fused_teacher}/pair"] = bad_teacher_rows(fused, caption_ids)
         return McadBatch(
             image_ids=torch.from_numpy(image_ids),
             caption_ids=torch.from_numpy(caption_ids),
             pixels=torch.stack([item[2] for item in items]),
             tokens=self.tokenize([item[3] for item in items]),
-            teacher_image={n: torch.from_numpy(reader.get(n, "image", image_ids)) for n in self.teachers},
-            teacher_text={n: torch.from_numpy(reader.get(n, "text", caption_ids)) for n in self.teachers},
-            fused=torch.from_numpy(reader.get(self.fused_teacher, "pair", caption_ids)),
+            teacher_image={n: torch.from_numpy(v) for n, v in image.items()},
+            teacher_text={n: torch.from_numpy(v) for n, v in text.items()},
+            fused=torch.from_numpy(fused),
+            bad_rows=describe_rows(bad),
         )

@@ -34,17 +34,25 @@ from pipeline.errors import DsmdError
 from pipeline.models.student import Student, load_vocab_tokenizer, make_tokenizer, save_student
 from pipeline.retrieval.metrics import retrieval_metrics
 from stages.distill.balancer import DynamicBalancer
-from stages.distill.checkpoint import LAST, load_checkpoint, rng_state, save_checkpoint, set_rng_state
+from stages.distill.checkpoint import (
+    LAST,
+    load_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+    write_failed,
+)
 from stages.distill.data import EpochBatches, PairRows
 from stages.distill.ddp import Ranks, barrier, gather_plain, gather_with_grad, init_from_torchrun, shutdown
+from stages.distill.guard import NonFiniteError, grad_norm, nonfinite_tensors
 from stages.distill.methods import method_for
 
 # Settings that change how a run executes but not what it computes: a checkpoint stays resumable across them.
 # ``epochs`` is one of them: the first N epochs of a longer run are the N epochs of a shorter one (the
 # learning-rate steps and balancer periods do not depend on the total), so a finished run can be extended.
 RUNTIME_SETTINGS = {
-    "device", "loader_workers", "checkpoint_every", "out_dir", "tensorboard", "load_store_in_ram", "epochs",
-    "val_batch_size",
+    "device", "loader_workers", "checkpoint_every", "checkpoint_minutes", "out_dir", "tensorboard",
+    "load_store_in_ram", "epochs", "val_batch_size",
 }
 
 
@@ -161,6 +169,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler("cuda", enabled=self.device.type == "cuda" and dc.precision == "fp16")
 
         self.epoch, self.batch_in_epoch, self.step = 0, 0, 0
+        self._saved_step, self._saved_at = 0, time.monotonic()
         self.best_rsum, self.best_epoch = -1.0, -1
         resumed = self._maybe_resume(resume)
         self.value_names = [*self.method.value_names(self.losses, self.device, self.dim), "total"]
@@ -211,7 +220,14 @@ class Trainer:
 
     def _save(self) -> None:
         if self.ranks.is_main:
+            bad = nonfinite_tensors(self.student.state_dict())
+            if bad:  # the step checks should have stopped the run before; never overwrite a good checkpoint
+                raise NonFiniteError(
+                    f"not saving {self.out / 'checkpoints' / LAST}: non-finite weights in {', '.join(bad[:5])} at "
+                    f"step {self.step}; lower distill.lr or use precision fp32"
+                )
             save_checkpoint(self.out / "checkpoints" / LAST, self._state())
+        self._saved_step, self._saved_at = self.step, time.monotonic()
         barrier(self.ranks)
 
     def _maybe_resume(self, resume: str) -> bool:
@@ -219,6 +235,12 @@ class Trainer:
         if resume == "no" or (resume == "auto" and not path.exists()):
             return False
         state = load_checkpoint(path)
+        bad = nonfinite_tensors(state.get("model", {}))
+        if bad:
+            raise NonFiniteError(
+                f"{path} holds non-finite weights ({', '.join(bad[:5])}): it cannot be resumed. Delete it (or run "
+                "with --resume no) to start over"
+            )
         if state.get("digest") != self.digest:
             message = (
                 f"{path} was written by a run with other settings or another dataset; "
@@ -238,6 +260,7 @@ class Trainer:
         progress = state["progress"]
         self.epoch, self.batch_in_epoch, self.step = progress["epoch"], progress["batch_in_epoch"], progress["step"]
         self.best_rsum, self.best_epoch = state["best"]["rsum"], state["best"]["epoch"]
+        self._saved_step = self.step
         console.print(f"resuming {path}: epoch {self.epoch}, batch {self.batch_in_epoch}, step {self.step}")
         return True
 
@@ -311,6 +334,58 @@ class Trainer:
         total = self.balancer(self.losses.top_level(values))
         return values, total, teacher
 
+    def _due_by_time(self) -> bool:
+        """distill.checkpoint_minutes passed since the last save. Under DDP rank 0's clock decides for all, so
+        every rank reaches the save's barrier."""
+        minutes = self.cfg.distill.checkpoint_minutes
+        if minutes <= 0:
+            return False
+        due = torch.tensor([time.monotonic() - self._saved_at >= minutes * 60], device=self.device)
+        if self.ranks.distributed:
+            torch.distributed.broadcast(due, src=0)
+        return bool(due)
+
+    def _where(self, batches: list) -> str:
+        captions = torch.cat([b.caption_ids for b in batches]).tolist()
+        images = sorted(set(torch.cat([b.image_ids for b in batches]).tolist()))
+
+        def listed(ids: list[int]) -> str:
+            return ", ".join(map(str, ids[:16])) + (f", ... ({len(ids)} in all)" if len(ids) > 16 else "")
+
+        last = self.out / "checkpoints" / LAST
+        kept = f"the last checkpoint ({last}, step {self._saved_step}) is untouched" if last.exists() else (
+            "no checkpoint was saved")
+        return (f"step {self.step + 1} (epoch {self.epoch + 1}), caption ids [{listed(captions)}], image ids "
+                f"[{listed(images)}]; {kept}")
+
+    def _check_teacher_rows(self, batch) -> None:
+        if batch.bad_rows:
+            raise NonFiniteError(
+                f"non-finite or non-unit teacher features in {self.cfg.extract.store}: {'; '.join(batch.bad_rows)} "
+                f"at {self._where([batch])}. Run `dsmd store verify`, then `dsmd extract --repair` (or re-extract "
+                "those shards) and rerun distill"
+            )
+
+    def _check_finite_step(self, sums: torch.Tensor, batches: list) -> None:
+        """Before the optimiser applies the step: every loss finite and, unless the fp16 scaler (which skips
+        such steps itself) is on, the gradient norm finite. One host sync."""
+        checks = [torch.isfinite(sums).all()]
+        if not self.scaler.is_enabled():
+            checks.append(torch.isfinite(grad_norm(self.optimizer_parameters())).to(sums.device))
+        finite = torch.stack(checks).all()
+        if bool(finite):
+            return
+        losses = dict(zip(self.value_names, sums.tolist(), strict=True))
+        bad = ", ".join(f"{name} {value}" for name, value in losses.items() if not np.isfinite(value))
+        what = f"loss ({bad})" if bad else "gradient"
+        raise NonFiniteError(
+            f"non-finite {what} at {self._where(batches)}. Lower distill.lr, check the data of that batch, or "
+            "use precision fp32; resuming restarts from the last checkpoint"
+        )
+
+    def optimizer_parameters(self):
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
     def _optimizer_step(self) -> None:
         self.scaler.step(self.optimizer)
         self.scaler.update()
@@ -335,6 +410,7 @@ class Trainer:
             # Losses summed on the device over the micro-batches of a step: one host sync per step, not per value.
             sums: torch.Tensor | None = None
             micro_in_step = 0
+            step_batches: list = []  # the micro-batches of the step, named if it goes non-finite
             with make_progress() as progress:
                 task = progress.add_task(
                     f"epoch {self.epoch + 1}/{dc.epochs}",
@@ -346,6 +422,8 @@ class Trainer:
                 for batch in loader:
                     sync = micro_in_step + 1 == dc.grad_accum
                     no_sync = self.model.no_sync if self.ranks.distributed and not sync else contextlib.nullcontext
+                    self._check_teacher_rows(batch)
+                    step_batches.append(batch)
                     with no_sync():
                         values, total, teacher = self._forward(batch)
                         self.scaler.scale(total / dc.grad_accum).backward()
@@ -356,6 +434,8 @@ class Trainer:
                     self.batch_in_epoch += 1
                     if not sync:
                         continue
+                    self._check_finite_step(sums, step_batches)
+                    step_batches = []
                     self._optimizer_step()
                     elapsed = time.perf_counter() - step_started
                     rate = dc.batch_size / elapsed if elapsed > 0 else 0.0
@@ -364,7 +444,7 @@ class Trainer:
                     self._log_step(means, rate)
                     sums, micro_in_step = None, 0
                     progress.update(task, advance=1, rate=f"{rate:.0f} pairs/s")
-                    if dc.checkpoint_every > 0 and self.step % dc.checkpoint_every == 0:
+                    if self._due_by_time() or (dc.checkpoint_every > 0 and self.step % dc.checkpoint_every == 0):
                         self._save()
                     step_started = time.perf_counter()
             self.scheduler.step()
@@ -383,7 +463,11 @@ class Trainer:
         final = self.out / "student"
         staging = self.out / "student.partial"
         shutil.rmtree(staging, ignore_errors=True)
-        save_student(self.student, staging, self._card(metrics))
+        try:
+            save_student(self.student, staging, self._card(metrics))
+        except (OSError, RuntimeError) as exc:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise write_failed(staging, exc, f"the previous student in {final} is kept") from None
         shutil.rmtree(final, ignore_errors=True)
         os.replace(staging, final)
 

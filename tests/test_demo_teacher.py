@@ -73,7 +73,8 @@ def test_fit_writes_official_files_and_is_repeatable(tmp_path, canonical):
     cfg = load_config(None, tiny_overrides(canonical, tmp_path / "a"))
     teacher = load_teacher(cfg.teacher, device="cpu")
     assert isinstance(teacher, BEiT3Teacher) and teacher.dim == 32
-    image_emb, text_emb, caption_image = encode_split(teacher, dataset, "test")
+    image_emb, text_emb, caption_image, skipped = encode_split(teacher, dataset, "test")
+    assert skipped == {}
     assert image_emb.shape == (12, 32) and text_emb.shape == (24, 32)
     assert sorted(caption_image.tolist()) == sorted(list(range(12)) * 2)
 
@@ -136,3 +137,42 @@ def test_second_teacher_is_fitted_with_its_own_size_and_seed(tmp_path, canonical
     unmatched = load_config(None, [*tiny_overrides(canonical, tmp_path), *_second_overrides(tmp_path, "other")])
     with pytest.raises(DsmdError, match="no extra_teachers entry has that name"):
         second_teacher_config(unmatched)
+
+
+def test_fit_skips_the_images_data_check_recorded_and_any_that_do_not_decode(tmp_path):
+    """Before: the fit opened every train image and stopped at the first bad one with BadImageError."""
+    from pipeline.data.check import check_dataset
+
+    source = generate_shapes(DemoConfig(out_dir=str(tmp_path / "shapes"), n_train=16, n_val=0, n_test=6,
+                                        image_size=32, captions_per_image=2))
+    data = DataConfig(source=str(source), images_root=str(tmp_path / "shapes" / "images"),
+                      canonical_dir=str(tmp_path / "canonical"))
+    dataset = prepare_dataset(data)
+    train, test = dataset.image_ids("train"), dataset.image_ids("test")
+    recorded, unrecorded, bad_test = int(train[3]), int(train[9]), int(test[1])
+    good = dataset.image_path(recorded).read_bytes()
+    for image_id in (recorded, bad_test):
+        dataset.image_path(image_id).write_bytes(good[:40])  # a PNG cut short
+    report = check_dataset(dataset, workers=1, progress=False)
+    assert {b.image_id for b in report.bad_images} == {recorded, bad_test}
+    # The check's verdict stands even after the file is fixed (as extract follows it); an image broken
+    # after the check is met, and skipped, by the fit itself.
+    dataset.image_path(recorded).write_bytes(good)
+    dataset.image_path(unrecorded).write_bytes(b"not a png at all")
+    check_reason = next(b.reason for b in report.bad_images if b.image_id == recorded)
+
+    out = tmp_path / "teacher"
+    cfg = load_config(None, [*tiny_overrides(tmp_path / "canonical", out), "demo_teacher.epochs=1"])
+    result = fit_demo_teacher(cfg, CanonicalDataset.load(tmp_path / "canonical"))
+    assert result.skipped_images == {recorded: check_reason, unrecorded: "not an image file (unknown or corrupt format)"}
+    assert result.train_images == 14 and result.train_captions == 28 and result.steps == 2
+    assert json.loads(json.dumps(result.to_dict()))["skipped_images"] == {
+        str(recorded): check_reason, str(unrecorded): "not an image file (unknown or corrupt format)"}
+
+    teacher = load_teacher(cfg.teacher, device="cpu")
+    image_emb, text_emb, caption_image, skipped = encode_split(teacher, CanonicalDataset.load(tmp_path / "canonical"),
+                                                               "test")
+    assert set(skipped) == {bad_test}
+    # The bad test image leaves the gallery with its two captions; the rest still point at their images.
+    assert image_emb.shape[0] == 5 and text_emb.shape[0] == 10
+    assert sorted(caption_image.tolist()) == sorted(list(range(5)) * 2)

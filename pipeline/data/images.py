@@ -13,7 +13,7 @@ and no more; `decode_cost` estimates that from the header, before anything is de
 from __future__ import annotations
 
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
@@ -27,6 +27,7 @@ __all__ = [
     "DecodeMemory",
     "decode_cost",
     "load_rgb",
+    "load_or_skip",
     "to_rgb",
     "DEFAULT_MAX_PIXELS",
     "DEFAULT_MAX_DECODE_BYTES",
@@ -162,6 +163,24 @@ def load_rgb(
     except (ValueError, SyntaxError, EOFError, MemoryError) as exc:
         # Plugins report corrupt headers with these (SyntaxError is Pillow's historic "bad file" error).
         raise BadImageError(f"cannot decode: {type(exc).__name__}: {exc}", path) from None
+
+
+def load_or_skip(
+    path_of: Callable[[int], Path], image_id: int, known_bad: Mapping[int, str]
+) -> tuple[Image.Image | None, str]:
+    """``(image, "")``, or ``(None, reason)`` for an image every stage skips: one the last `dsmd data check`
+    recorded as bad (not opened again), or one that fails to decode now, with the reason worded as the check
+    words it. ``path_of(image_id)`` gives its file (``CanonicalDataset.image_path``)."""
+    if image_id in known_bad:
+        return None, known_bad[image_id]
+    try:
+        return load_rgb(path_of(image_id)), ""
+    except BadImageError as exc:
+        return None, exc.reason
+    except DsmdError as exc:  # the path leaves the images root (a symlink changed since prepare)
+        return None, f"path outside the images root: {exc}"
+    except Exception as exc:  # a decoder bug: a skip, never a crash of the whole run
+        return None, f"{type(exc).__name__}: {exc}"
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -56,7 +56,8 @@ def teacher(ctx: typer.Context) -> None:
     dataset = CanonicalDataset.load(cfg.data.canonical_dir)
     _fit_and_report(cfg, dataset, FIT_REPORT)
     if second is not None:
-        _fit_and_report(stage_config(second, "demo_teacher"), dataset, FIT_REPORT.replace(".json", f"_{second.teacher.name}.json"))
+        report = FIT_REPORT.replace(".json", f"_{second.teacher.name}.json")
+        _fit_and_report(stage_config(second, "demo_teacher"), dataset, report)
 
 
 def _fit_and_report(cfg, dataset, report_name: str) -> None:
@@ -80,14 +81,16 @@ def _fit_and_report(cfg, dataset, report_name: str) -> None:
         f"{result.checkpoint}",
         highlight=False,
     )
+    _print_skipped(result.skipped_images, "train")
 
     teacher = load_teacher(cfg.teacher, device="cpu", precision="fp32")
     split = cfg.evaluate.split
-    image_emb, text_emb, caption_image = encode_split(teacher, dataset, split)
+    image_emb, text_emb, caption_image, skipped = encode_split(teacher, dataset, split)
+    _print_skipped(skipped, split)
     metrics = retrieval_metrics(image_emb, text_emb, caption_image, cfg.evaluate.ks)
     chance = chance_metrics(len(image_emb), caption_image, cfg.evaluate.ks)
     report = Path(cfg.demo_teacher.out_dir) / report_name
-    write_fit_report(report, result, metrics, chance, split=split)
+    write_fit_report(report, result, metrics, chance, split=split, skipped=skipped)
 
     table = Table(title=f"demo teacher {name}, {split} split ({len(image_emb):,} images, {len(text_emb):,} "
                   "captions)", title_justify="left")
@@ -98,6 +101,15 @@ def _fit_and_report(cfg, dataset, report_name: str) -> None:
     table.add_row("chance", *(f"{chance[k]:.2f}" for k in metrics))
     console.print(table)
     console.print(f"report: {report}", highlight=False)
+
+
+def _print_skipped(skipped: dict[int, str], split: str) -> None:
+    if skipped:
+        image_id, reason = next(iter(skipped.items()))
+        from rich.markup import escape
+
+        console.print(f"[yellow]skipped {len(skipped):,} {split} images[/yellow] that cannot be used (image "
+                      f"{image_id}: {escape(reason)}); all are listed in the fit report", highlight=False)
 
 
 def register(app: typer.Typer) -> None:

@@ -61,6 +61,8 @@ class DemoFitResult:
     steps: int
     seconds: float
     epoch_losses: list[float] = field(default_factory=list)
+    # Training images left out (recorded bad by `dsmd data check`, or undecodable now): image id -> reason.
+    skipped_images: dict[int, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,15 +109,37 @@ def demo_model_config(demo: DemoTeacherConfig, teacher: TeacherConfig, vocab_pie
     )
 
 
-def load_split_pixels(dataset: Any, split: str, transform: Callable) -> tuple[np.ndarray, torch.Tensor]:
-    """(image ids, pixels (N, 3, S, S)) of one split, through the teacher transform."""
-    from pipeline.data.images import load_rgb
+def load_split_pixels(
+    dataset: Any, split: str, transform: Callable
+) -> tuple[np.ndarray, torch.Tensor, dict[int, str]]:
+    """(image ids, pixels (N, 3, S, S), skipped) of one split, through the teacher transform.
 
-    image_ids = np.asarray(dataset.image_ids(split), dtype=np.int64)
-    if len(image_ids) == 0:
+    Skipped, as every stage skips them: the images the last `dsmd data check` recorded as bad, and any that
+    fail to decode now; ``skipped`` maps their ids to the reason.
+    """
+    from pipeline.data.check import load_bad_images
+    from pipeline.data.images import load_or_skip
+
+    split_ids = np.asarray(dataset.image_ids(split), dtype=np.int64)
+    if len(split_ids) == 0:
         raise DsmdError(f"the canonical dataset has no {split!r} images")
-    pixels = torch.stack([transform(load_rgb(dataset.image_path(int(i)))) for i in image_ids])
-    return image_ids, pixels
+    directory = getattr(dataset, "directory", None)
+    known_bad = load_bad_images(directory) if directory is not None else {}
+    kept, pixels, skipped = [], [], {}
+    for image_id in split_ids.tolist():
+        image, reason = load_or_skip(dataset.image_path, image_id, known_bad)
+        if image is None:
+            skipped[image_id] = reason
+        else:
+            kept.append(image_id)
+            pixels.append(transform(image))
+    if not kept:
+        first = next(iter(skipped.items()))
+        raise DsmdError(
+            f"none of the {len(split_ids)} {split!r} images can be used (image {first[0]}: {first[1]}); "
+            "run `dsmd data check` to list them all"
+        )
+    return np.asarray(kept, dtype=np.int64), torch.stack(pixels), skipped
 
 
 def _captions_by_image(dataset: Any, split: str, image_ids: np.ndarray) -> tuple[list[str], list[np.ndarray]]:
@@ -196,7 +220,7 @@ def fit_demo_teacher(
     torch.manual_seed(demo.seed)
     gen = torch.Generator().manual_seed(demo.seed)
 
-    image_ids, pixels = load_split_pixels(dataset, "train", beit3_image_transform(teacher.img_size))
+    image_ids, pixels, skipped = load_split_pixels(dataset, "train", beit3_image_transform(teacher.img_size))
     texts, captions_of = _captions_by_image(dataset, "train", image_ids)
     keep = np.asarray([len(c) > 0 for c in captions_of])
     if not keep.any():
@@ -264,28 +288,39 @@ def fit_demo_teacher(
         steps=step,
         seconds=time.perf_counter() - started,
         epoch_losses=epoch_losses,
+        skipped_images=skipped,
     )
 
 
 def encode_split(
     teacher: Any, dataset: Any, split: str, batch_size: int = 256
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(image_emb, text_emb, caption_image) of one split with any Teacher; caption_image indexes image_emb."""
-    image_ids, pixels = load_split_pixels(dataset, split, teacher.image_transform)
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict[int, str]]:
+    """(image_emb, text_emb, caption_image, skipped) of one split with any Teacher; caption_image indexes
+    image_emb. Skipped images (``load_split_pixels``) leave with their captions."""
+    image_ids, pixels, skipped = load_split_pixels(dataset, split, teacher.image_transform)
     texts, captions_of = _captions_by_image(dataset, split, image_ids)
-    caption_image = np.empty(len(texts), dtype=np.int64)
+    caption_image = np.full(len(texts), -1, dtype=np.int64)
     for row, captions in enumerate(captions_of):
         caption_image[captions] = row
+    kept = caption_image >= 0
+    texts, caption_image = [t for t, k in zip(texts, kept, strict=True) if k], caption_image[kept]
     image_emb = torch.cat([teacher.encode_images(pixels[i : i + batch_size]).cpu()
                            for i in range(0, len(pixels), batch_size)])
     text_emb = torch.cat([teacher.encode_texts(teacher.tokenize(texts[i : i + batch_size])).cpu()
                           for i in range(0, len(texts), batch_size)])
-    return image_emb.numpy(), text_emb.numpy(), caption_image
+    return image_emb.numpy(), text_emb.numpy(), caption_image, skipped
 
 
 def write_fit_report(
-    path: Path, result: DemoFitResult, metrics: dict[str, float], chance: dict[str, float], split: str = "test"
+    path: Path,
+    result: DemoFitResult,
+    metrics: dict[str, float],
+    chance: dict[str, float],
+    split: str = "test",
+    skipped: dict[int, str] | None = None,
 ) -> None:
+    """The fit and its scores on ``split``; ``skipped``: the images of ``split`` left out of the scores."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    document = {"fit": result.to_dict(), "split": split, "recall": metrics, "chance": chance}
+    document = {"fit": result.to_dict(), "split": split, "recall": metrics, "chance": chance,
+                "skipped_images": {str(k): v for k, v in (skipped or {}).items()}}
     path.write_text(json.dumps(document, indent=1) + "\n")

@@ -9,8 +9,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from pipeline.data.images import BadImageError, load_rgb
-from pipeline.errors import DsmdError
+from pipeline.data.images import load_or_skip
 
 
 @dataclass
@@ -33,17 +32,10 @@ class _ImageRows(Dataset):
 
     def __getitem__(self, index: int):
         image_id = self.ids[index]
-        if image_id in self.known_bad:
-            return image_id, None, self.known_bad[image_id]
         # The reasons are worded as `dsmd data check` words them, so a store is the same with or without a check.
-        try:
-            image = load_rgb(self.paths(image_id))
-        except BadImageError as exc:
-            return image_id, None, exc.reason
-        except DsmdError as exc:  # the path leaves the images root (a symlink changed since prepare)
-            return image_id, None, f"path outside the images root: {exc}"
-        except Exception as exc:  # a decoder bug: a skip, never a crash of the whole extraction
-            return image_id, None, f"{type(exc).__name__}: {exc}"
+        image, reason = load_or_skip(self.paths, image_id, self.known_bad)
+        if image is None:
+            return image_id, None, reason
         return image_id, self.transform(image), ""
 
 

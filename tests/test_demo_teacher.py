@@ -164,10 +164,11 @@ def test_fit_skips_the_images_data_check_recorded_and_any_that_do_not_decode(tmp
     out = tmp_path / "teacher"
     cfg = load_config(None, [*tiny_overrides(tmp_path / "canonical", out), "demo_teacher.epochs=1"])
     result = fit_demo_teacher(cfg, CanonicalDataset.load(tmp_path / "canonical"))
-    assert result.skipped_images == {recorded: check_reason, unrecorded: "not an image file (unknown or corrupt format)"}
+    undecodable = "not an image file (unknown or corrupt format)"
+    assert result.skipped_images == {recorded: check_reason, unrecorded: undecodable}
     assert result.train_images == 14 and result.train_captions == 28 and result.steps == 2
     assert json.loads(json.dumps(result.to_dict()))["skipped_images"] == {
-        str(recorded): check_reason, str(unrecorded): "not an image file (unknown or corrupt format)"}
+        str(recorded): check_reason, str(unrecorded): undecodable}
 
     teacher = load_teacher(cfg.teacher, device="cpu")
     image_emb, text_emb, caption_image, skipped = encode_split(teacher, CanonicalDataset.load(tmp_path / "canonical"),

@@ -30,6 +30,7 @@ from torchvision import transforms as T
 
 from pipeline.config import StudentConfig
 from pipeline.errors import ConfigError, DsmdError
+from pipeline.retrieval.provenance import STUDENT_CARD_FILE, STUDENT_WEIGHTS_FILE
 
 __all__ = [
     "Student",
@@ -47,8 +48,9 @@ __all__ = [
 SPECIAL_TOKENS = ("[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]")
 CARD_FORMAT = "dsmd-student"
 CARD_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
-CARD_FILE = "card.json"
+# Named where the torch-free provenance check (search, bundles) finds them too.
+WEIGHTS_FILE = STUDENT_WEIGHTS_FILE
+CARD_FILE = STUDENT_CARD_FILE
 TOKENIZER_DIR = "tokenizer"
 
 

@@ -39,6 +39,7 @@ __all__ = [
     "plan_index",
     "build_index",
     "load_index",
+    "read_header",
     "time_search",
 ]
 
@@ -382,10 +383,9 @@ def build_index(
     return FaissIndex(index, plan.backend, ids, paths, meta, nprobe=nprobe)
 
 
-def load_index(directory: str | Path, *, mmap: bool = False) -> RetrievalIndex:
-    """Read an index written by ``save``. ``mmap=True`` maps an exact index's vectors instead of reading them."""
-    directory = Path(directory)
-    header_path = directory / "index.json"
+def read_header(directory: str | Path) -> dict[str, Any]:
+    """The checked ``index.json`` of a saved index (backend, sizes, ``meta``), without reading its vectors."""
+    header_path = Path(directory) / "index.json"
     if not header_path.is_file():
         raise DsmdError(f"{header_path}: missing; {directory} is not a saved index (or its save did not finish)")
     try:
@@ -397,6 +397,14 @@ def load_index(directory: str | Path, *, mmap: bool = False) -> RetrievalIndex:
             f"{header_path}: format {header.get('format')!r} version {header.get('version')!r}, "
             f"expected {FORMAT!r} version {FORMAT_VERSION}"
         )
+    return header
+
+
+def load_index(directory: str | Path, *, mmap: bool = False) -> RetrievalIndex:
+    """Read an index written by ``save``. ``mmap=True`` maps an exact index's vectors instead of reading them."""
+    directory = Path(directory)
+    header_path = directory / "index.json"
+    header = read_header(directory)
 
     def need(name: str) -> Path:
         path = directory / name

@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from pipeline.atomic import replaced_directory
 from pipeline.config import Config
 from pipeline.console import console
 from pipeline.data.canonical import CanonicalDataset
@@ -29,6 +30,7 @@ from pipeline.retrieval.metrics import (
     recall_from_ranks,
     retrieval_ranks,
 )
+from pipeline.retrieval.provenance import PROVENANCE_KEY, student_provenance
 from stages.evaluate.experiments import load_saved, report_section
 from stages.evaluate.report import write_report
 from store import open_store
@@ -94,6 +96,15 @@ def _parameters(reader, teacher: str) -> int | None:
     return reader.provenance(teacher, "image").get("teacher", {}).get("parameters")
 
 
+def save_indexes(directory: Path, image_index, text_index, texts: list[str]) -> None:
+    """``images/`` and ``captions/`` (with the captions' texts) under ``directory``, swapped in together: a
+    failed save (a full disk: one line naming the path) leaves the previous indexes whole and no partial files."""
+    with replaced_directory(directory) as staging:
+        image_index.save(staging / "images")
+        text_index.save(staging / "captions")
+        (staging / "captions" / "texts.json").write_text(json.dumps(texts))
+
+
 def run_evaluate(cfg: Config) -> dict:
     ev, teacher_name = cfg.evaluate, cfg.distill.teacher
     student_dir = Path(cfg.distill.out_dir) / "student"
@@ -107,6 +118,7 @@ def run_evaluate(cfg: Config) -> dict:
             f"this dataset is {ds.fingerprint}"
         )
     reader = open_store(cfg.extract.store, dataset_fingerprint=ds.fingerprint, teacher=teacher_name)
+    provenance = student_provenance(student_dir)  # before loading: the digest is of the weights read here
     student = load_student(student_dir, map_location=device)
 
     image_valid = reader.valid(teacher_name, "image")
@@ -153,17 +165,17 @@ def run_evaluate(cfg: Config) -> dict:
     }
 
     paths = [ds.image_relpath(int(i)) for i in images]
+    # Which student and dataset the galleries come from: `dsmd search` and `dsmd export` refuse another student.
+    built_from = {**provenance, "dataset": {"name": ds.name, "fingerprint": ds.fingerprint}}
+    common = {"model": "student", "dataset": ds.fingerprint, "split": ev.split, PROVENANCE_KEY: built_from}
     image_index = build_index(
         image_emb, ids=images, paths=paths, kind=ev.index, memory_budget_mb=budget,
-        meta={"modality": "image", "model": "student", "dataset": ds.fingerprint, "split": ev.split},
+        meta={"modality": "image", **common},
     )
     text_index = build_index(
-        text_emb, ids=captions, kind=ev.index, memory_budget_mb=budget,
-        meta={"modality": "text", "model": "student", "dataset": ds.fingerprint, "split": ev.split},
+        text_emb, ids=captions, kind=ev.index, memory_budget_mb=budget, meta={"modality": "text", **common},
     )
-    image_index.save(out / "index" / "images")
-    text_index.save(out / "index" / "captions")
-    (out / "index" / "captions" / "texts.json").write_text(json.dumps(texts))
+    save_indexes(out / "index", image_index, text_index, texts)
 
     search = time_search(image_index, text_emb[:200], k=10)
     extra = {

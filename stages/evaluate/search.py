@@ -11,14 +11,18 @@ from pipeline.data.images import load_rgb
 from pipeline.errors import DsmdError
 from pipeline.models.student import load_student
 from pipeline.retrieval.index import load_index
+from pipeline.retrieval.provenance import INDEX_FIX, check_belongs, recorded, student_provenance
 
 
 def search(student_dir: Path, index_dir: Path, *, text: str | None, image: Path | None, top: int) -> list[dict]:
     if (text is None) == (image is None):
         raise DsmdError("give either a caption (QUERY) or --image PATH, not both and not neither")
-    student = load_student(student_dir)
     target = index_dir / ("images" if text is not None else "captions")
     index = load_index(target)
+    # Another student's queries still get scores and ids from this gallery, meaningless ones: refuse the pair.
+    built = recorded(index.meta, f"index {target}", INDEX_FIX)
+    check_belongs(built, f"index {target}", student_provenance(student_dir), f"student {student_dir}", INDEX_FIX)
+    student = load_student(student_dir)
     with torch.inference_mode():
         if text is not None:
             tokens = student.tokenize([text])

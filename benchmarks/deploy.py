@@ -194,7 +194,8 @@ def run(args) -> dict:
             vectors = unit_vectors_file(work / f"gallery_{n}_{dim}.npy", n, dim, seed=n + dim)
             for config, (encoder, storage) in CONFIGS.items():
                 bundle_dir = work / kind / f"bundle_{n}_{config}"
-                build_bundle(export_dir, bundle_dir, vectors, storage=storage, encoder=encoder)
+                build_bundle(export_dir, bundle_dir, vectors, provenance=record["provenance"], storage=storage,
+                             encoder=encoder)
                 child = subprocess.run(
                     [sys.executable, __file__, "--measure", str(bundle_dir), "--queries", str(queries_file),
                      "--threads", str(args.threads)],

@@ -28,6 +28,7 @@ from pipeline.errors import DsmdError
 from pipeline.models.student import Student, build_vocab, load_student, load_vocab_tokenizer, save_student
 from pipeline.retrieval.bundle import Bundle, search_bundle
 from pipeline.retrieval.index import build_index
+from pipeline.retrieval.provenance import student_provenance
 from pipeline.retrieval.runtime import ImageEncoder, TextEncoder, load_tokenizer, preprocess_images, tokenize
 from stages.demo.shapes import render_scene, sample_scene, scene_captions
 from stages.export.bundle import build_bundle
@@ -58,6 +59,11 @@ class World:
     def student(self) -> Student:
         return load_student(self.student_dir)
 
+    @property
+    def provenance(self) -> dict:
+        """The exported student's record: what vectors encoded by that student pass to build_bundle."""
+        return json.loads((self.export_dir / "export.json").read_text())["provenance"]
+
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory) -> World:
@@ -78,13 +84,16 @@ def world(tmp_path_factory) -> World:
     tokenizer = load_vocab_tokenizer(build_vocab(captions, root / "vocab" / "vocab.txt"))
     torch.manual_seed(0)
     student = Student(tiny_cfg(), DIM, tokenizer=tokenizer).eval()
-    student_dir = save_student(student, root / "runs" / "distill" / "student", {"teacher": "beit3"})
+    student_dir = save_student(student, root / "runs" / "distill" / "student", {
+        "teacher": "beit3", "dataset": {"name": ds.name, "fingerprint": ds.fingerprint}})
     transform = student.image_transform()
     with torch.no_grad():
         pixels = torch.stack([transform(load_rgb(ds.image_path(i))) for i in range(N_IMAGES)])
         image_emb = student.encode_image(pixels).numpy()
     paths = [ds.image_relpath(i) for i in range(N_IMAGES)]
-    build_index(image_emb, ids=np.arange(N_IMAGES), paths=paths, kind="exact").save(
+    # As `dsmd evaluate` saves it: with the student and dataset it was built from.
+    meta = {"provenance": student_provenance(student_dir)}
+    build_index(image_emb, ids=np.arange(N_IMAGES), paths=paths, kind="exact", meta=meta).save(
         root / "runs" / "evaluate" / "index" / "images"
     )
 
@@ -267,7 +276,8 @@ def test_hand_computed_scores_on_axis_vectors(world, tmp_path):
     query = np.zeros(DIM, np.float32)
     query[:3] = [0.8, 0.6, 0.0]
     for storage in ("int8", "float16"):
-        build_bundle(world.export_dir, tmp_path / storage, gallery, ids=np.arange(6) + 100, storage=storage)
+        build_bundle(world.export_dir, tmp_path / storage, gallery, provenance=world.provenance,
+                     ids=np.arange(6) + 100, storage=storage)
         scores, ids = Bundle(tmp_path / storage).search_vectors(query, 3)
         assert ids.tolist() == [[100, 101, 102]]  # 0.8, 0.6, then the zero scores in row order
         assert np.allclose(scores, [[0.8, 0.6, 0.0]], atol=1e-3)
@@ -278,7 +288,7 @@ def test_hand_computed_scores_on_axis_vectors(world, tmp_path):
 @pytest.mark.parametrize("storage", ["int8", "float16"])
 def test_bundle_search_is_exact_over_its_stored_values(world, tmp_path, storage):
     gallery, queries = unit_rows(3000, DIM, seed=1), unit_rows(25, DIM, seed=2)
-    build_bundle(world.export_dir, tmp_path / "b", gallery, storage=storage)
+    build_bundle(world.export_dir, tmp_path / "b", gallery, provenance=world.provenance, storage=storage)
     bundle = Bundle(tmp_path / "b")
     bundle._block_rows = 256  # float16 rows are scored in blocks: make several, the last one short
     scores, ids = bundle.search_vectors(queries, 10)
@@ -294,7 +304,8 @@ def test_bundle_search_is_exact_over_its_stored_values(world, tmp_path, storage)
 
 def test_bundle_answers_captions_like_the_student_and_exact_search(world, tmp_path):
     student = world.student
-    build_bundle(world.export_dir, tmp_path / "f", world.image_emb, storage="float16", encoder="float")
+    build_bundle(world.export_dir, tmp_path / "f", world.image_emb, provenance=world.provenance, storage="float16",
+                 encoder="float")
     bundle = Bundle(tmp_path / "f")
     texts = world.ds.texts(world.ds.caption_ids()[:8])
     with torch.no_grad():
@@ -332,18 +343,100 @@ def test_broken_bundles_and_bad_galleries_are_refused(world, tmp_path):
     with pytest.raises(DsmdError, match="disagree"):
         Bundle(copy)
     with pytest.raises(DsmdError, match="dim 8"):
-        build_bundle(world.export_dir, tmp_path / "b", unit_rows(5, 8, seed=0))
+        build_bundle(world.export_dir, tmp_path / "b", unit_rows(5, 8, seed=0), provenance=world.provenance)
     bad = unit_rows(5, DIM, seed=0)
     bad[3, 2] = np.nan
     with pytest.raises(DsmdError, match="NaN"):
-        build_bundle(world.export_dir, tmp_path / "b", bad)
+        build_bundle(world.export_dir, tmp_path / "b", bad, provenance=world.provenance)
     with pytest.raises(DsmdError, match="distinct"):
-        build_bundle(world.export_dir, tmp_path / "b", unit_rows(3, DIM, seed=0), ids=np.array([1, 1, 2]))
+        build_bundle(world.export_dir, tmp_path / "b", unit_rows(3, DIM, seed=0), provenance=world.provenance,
+                     ids=np.array([1, 1, 2]))
     with pytest.raises(DsmdError, match="storage"):
-        build_bundle(world.export_dir, tmp_path / "b", unit_rows(3, DIM, seed=0), storage="float8")
+        build_bundle(world.export_dir, tmp_path / "b", unit_rows(3, DIM, seed=0), provenance=world.provenance,
+                     storage="float8")
     with pytest.raises(DsmdError, match="positive integer"):
         Bundle(world.bundle_dir).search_vectors(unit_rows(1, DIM, seed=0), 0)
     with pytest.raises(DsmdError, match="caption"):
         search_bundle(world.bundle_dir, "  ")
     with pytest.raises(DsmdError, match="captions only"):
         search_bundle(world.bundle_dir, "a red circle", image=Path("x.png"))
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Provenance: an index, an export and a bundle of one student belong together; nothing else is accepted.
+
+
+def test_export_refuses_an_index_of_another_student_naming_both(world, tmp_path):
+    torch.manual_seed(1)
+    other = Student(tiny_cfg(), DIM, tokenizer=world.student.tokenizer).eval()  # same dataset, other weights
+    other_dir = save_student(other, tmp_path / "other", {"dataset": {"name": world.ds.name,
+                                                                     "fingerprint": world.ds.fingerprint}})
+    params = world.root / "params.yaml"
+    out = tmp_path / "export"
+    args = ["--params", str(params), "export", "--student", str(other_dir), "--out", str(out)]
+    result = CliRunner().invoke(app, args)
+    message = str(result.exception)
+    assert isinstance(result.exception, DsmdError), result.output
+    index_dir = world.root / "runs" / "evaluate" / "index" / "images"
+    assert f"index {index_dir}" in message and f"student {other_dir}" in message and "dsmd evaluate" in message
+    assert student_provenance(world.student_dir)["student"]["sha256"][:12] in message
+    assert student_provenance(other_dir)["student"]["sha256"][:12] in message
+    assert not out.exists()  # refused before any export work
+    # The exported student's own record is what the bundle and its reader compare.
+    record = json.loads((world.export_dir / "export.json").read_text())["provenance"]
+    assert record["student"]["sha256"] == student_provenance(world.student_dir)["student"]["sha256"]
+    header = json.loads((world.bundle_dir / "bundle.json").read_text())
+    assert header["provenance"]["student"]["sha256"] == header["encoder_provenance"]["student"]["sha256"]
+    assert header["provenance"]["dataset"]["fingerprint"] == world.ds.fingerprint
+
+
+def test_bundle_of_another_students_gallery_is_refused_when_built_and_when_searched(world, tmp_path):
+    foreign = {"student": {"sha256": "f" * 64, "path": "elsewhere/student"},
+               "dataset": dict(world.provenance["dataset"])}
+    with pytest.raises(DsmdError, match="the bundle gallery was built from the student with weights sha256 f{12} "):
+        build_bundle(world.export_dir, tmp_path / "b", world.image_emb, provenance=foreign)
+    other_dataset = {**world.provenance, "dataset": {"name": "flickr", "fingerprint": "a" * 64}}
+    with pytest.raises(DsmdError, match="dataset 'flickr' .*aaaaaaaaaaaa"):
+        build_bundle(world.export_dir, tmp_path / "b", world.image_emb, provenance=other_dataset)
+    assert not (tmp_path / "b").exists()
+    # A bundle put together from two students by hand (or by an older writer) is refused by the reader.
+    mixed = shutil.copytree(world.bundle_dir, tmp_path / "mixed")
+    header = json.loads((mixed / "bundle.json").read_text())
+    header["encoder_provenance"]["student"]["sha256"] = "e" * 64
+    (mixed / "bundle.json").write_text(json.dumps(header))
+    with pytest.raises(DsmdError, match=f"the gallery of bundle {mixed} was built from .* its text encoder's "
+                                        "student has weights sha256 eeeeeeeeeeee"):
+        search_bundle(mixed, "a red circle")
+    old = shutil.copytree(world.bundle_dir, tmp_path / "old")
+    header = json.loads((old / "bundle.json").read_text())
+    for key in ("provenance", "encoder_provenance"):
+        del header[key]
+    (old / "bundle.json").write_text(json.dumps({**header, "version": 1}))
+    with pytest.raises(DsmdError, match="records no student and dataset .* `dsmd export`"):
+        Bundle(old)
+
+
+def test_full_disk_while_writing_a_bundle_is_one_line_keeps_the_old_one_and_the_rerun_succeeds(
+    world, tmp_path, monkeypatch
+):
+    import errno
+    import os
+
+    target = tmp_path / "bundle"
+    build_bundle(world.export_dir, target, world.image_emb, provenance=world.provenance, storage="float16")
+    before = {p.name: p.read_bytes() for p in target.iterdir()}
+
+    def full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "posix_fallocate", full)
+    with pytest.raises(DsmdError) as caught:
+        build_bundle(world.export_dir, target, world.image_emb, provenance=world.provenance)
+    message = str(caught.value)
+    assert message.startswith(f"no space left on device writing {target}; free space and rerun")
+    assert "\n" not in message and "previous bundle is kept" in message
+    assert {p.name: p.read_bytes() for p in target.iterdir()} == before  # the float16 bundle, untouched
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no staging directory left
+    monkeypatch.undo()
+    build_bundle(world.export_dir, target, world.image_emb, provenance=world.provenance)
+    assert Bundle(target).storage == "int8" and sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]

@@ -1,7 +1,9 @@
 """The retrieval bundle's format and its reader: caption -> images with onnxruntime, numpy and `tokenizers` only
 (no torch). `dsmd search --bundle` runs this; the writer is stages/export/bundle.py.
 
-Directory layout (``bundle.json`` is written last; a directory without it is an unfinished build):
+Directory layout (``bundle.json`` is written last; a directory without it is an unfinished build). bundle.json
+records which student and dataset the gallery came from (``provenance``) and which student the text encoder was
+exported from (``encoder_provenance``); a bundle whose two differ, or that records neither, is refused.
 
 - ``text_encoder.onnx`` (float32 or int8, copied from an export), ``tokenizer.json``, ``preprocess.json``;
 - ``gallery.npy``: the image embeddings, ``int8`` codes stored transposed (dim x N), or ``float16`` rows
@@ -30,13 +32,26 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import DsmdError
+from pipeline.retrieval.provenance import PROVENANCE_KEY, check_belongs, recorded
 from pipeline.retrieval.runtime import PREPROCESS_FILE, TOKENIZER_FILE, TextEncoder, make_session, read_json
 
-__all__ = ["BUNDLE_FILE", "BUNDLE_FORMAT", "BUNDLE_VERSION", "STORAGES", "ENCODERS", "Bundle", "search_bundle"]
+__all__ = [
+    "BUNDLE_FILE",
+    "BUNDLE_FORMAT",
+    "BUNDLE_VERSION",
+    "ENCODER_PROVENANCE_KEY",
+    "STORAGES",
+    "ENCODERS",
+    "Bundle",
+    "search_bundle",
+]
 
 BUNDLE_FILE = "bundle.json"
 BUNDLE_FORMAT = "dsmd-bundle"
-BUNDLE_VERSION = 1
+# 2: records the provenance of its gallery and of its text encoder (pipeline/retrieval/provenance.py).
+BUNDLE_VERSION = 2
+# bundle.json's record of the student the text encoder was exported from (``provenance``: the gallery's).
+ENCODER_PROVENANCE_KEY = "encoder_provenance"
 STORAGES = ("int8", "float16")
 ENCODERS = ("int8", "float")
 # The scoring graph returns this many candidates per wanted result (at least RESCORE_MIN) for rescoring.
@@ -49,6 +64,14 @@ FLOAT_BLOCK_BYTES = 4 << 20
 
 
 
+def _check_provenance(header: dict[str, Any], directory: Path) -> None:
+    """The gallery and the text encoder must come from one student: refuse a bundle assembled from two."""
+    fix = "build the bundle again with `dsmd export` (from the index of the exported student)"
+    gallery = recorded(header, f"bundle {directory}", fix)
+    encoder = recorded({PROVENANCE_KEY: header.get(ENCODER_PROVENANCE_KEY)}, f"bundle {directory}", fix)
+    check_belongs(gallery, f"the gallery of bundle {directory}", encoder, "its text encoder's student", fix)
+
+
 class Bundle:
     """A loaded bundle. ``threads`` = onnxruntime intra-op threads (0: all cores); ``mmap`` maps the gallery
     instead of reading it into memory (faster start, pages read on first search)."""
@@ -59,6 +82,8 @@ class Bundle:
         directory = Path(directory)
         self.directory = directory
         header = read_json(directory / BUNDLE_FILE, f"{directory} is not a finished bundle; run dsmd export")
+        if header.get("format") == BUNDLE_FORMAT:
+            _check_provenance(header, directory)  # first: a version 1 bundle is refused for recording none
         if header.get("format") != BUNDLE_FORMAT or header.get("version") != BUNDLE_VERSION:
             raise DsmdError(
                 f"{directory / BUNDLE_FILE}: format {header.get('format')!r} version {header.get('version')!r}, "

@@ -5,6 +5,7 @@ the image gallery's embeddings. Needs the `onnx` package for the scoring graph; 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,15 +13,18 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.atomic import replaced_directory
 from pipeline.errors import DsmdError
 from pipeline.retrieval.bundle import (
     BUNDLE_FILE,
     BUNDLE_FORMAT,
     BUNDLE_VERSION,
+    ENCODER_PROVENANCE_KEY,
     ENCODERS,
     INT8_MAX,
     STORAGES,
 )
+from pipeline.retrieval.provenance import PROVENANCE_KEY, check_belongs, recorded
 from pipeline.retrieval.runtime import PREPROCESS_FILE, TOKENIZER_FILE, read_json
 
 __all__ = ["build_bundle"]
@@ -90,6 +94,7 @@ def build_bundle(
     out_dir: str | Path,
     vectors: np.ndarray,
     *,
+    provenance: dict[str, Any],
     ids: np.ndarray | None = None,
     paths: Sequence[str] | None = None,
     storage: str = "int8",
@@ -98,7 +103,13 @@ def build_bundle(
     block_rows: int = 1 << 16,
 ) -> Path:
     """Write a bundle into ``out_dir`` from an export directory and gallery ``vectors`` (images x dim,
-    L2-normalised; a numpy memmap works and is read in blocks of ``block_rows``)."""
+    L2-normalised; a numpy memmap works and is read in blocks of ``block_rows``).
+
+    ``provenance`` says which student and dataset encoded the vectors (pipeline/retrieval/provenance.py: a saved
+    index's ``meta["provenance"]``, or the export's own record for vectors encoded with the exported student);
+    a gallery of another student than the export's is refused. An existing bundle in ``out_dir`` is replaced
+    only once the new one is complete; a full disk leaves it as it was.
+    """
     export_dir, out_dir = Path(export_dir), Path(out_dir)
     if storage not in STORAGES:
         raise DsmdError(f"bundle storage {storage!r} is not one of {', '.join(STORAGES)}")
@@ -121,18 +132,48 @@ def build_bundle(
     if paths is not None and len(paths) != n:
         raise DsmdError(f"bundle paths: expected {n} paths, one per gallery row, got {len(paths)}")
 
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / BUNDLE_FILE).unlink(missing_ok=True)
-    for name in ("scales.npy", "paths.json"):
-        (out_dir / name).unlink(missing_ok=True)
+    export_record = read_json(export_dir / "export.json", "the export did not finish; run dsmd export again")
+    encoder_from = recorded(export_record, f"export {export_dir}", "export the student again with `dsmd export`")
+    gallery_from = recorded({PROVENANCE_KEY: provenance}, "the bundle gallery", "pass the provenance of the "
+                            "index (meta['provenance']) or of the export whose student encoded the vectors")
+    check_belongs(gallery_from, "the bundle gallery", encoder_from, f"the student exported in {export_dir}",
+                  "build the bundle from an index of the exported student (`dsmd evaluate`, then `dsmd export`)")
+    header = {
+        "format": BUNDLE_FORMAT,
+        "version": BUNDLE_VERSION,
+        "dim": dim,
+        "count": n,
+        "storage": storage,
+        "encoder": encoder,
+        "parity_min_cosine": export_record.get("parity", {}).get("min_cosine", {}).get(encoder_file.name),
+        "student": export_record.get("student", {}),
+        PROVENANCE_KEY: gallery_from,
+        ENCODER_PROVENANCE_KEY: encoder_from,
+        "meta": dict(meta or {}),
+    }
+    with replaced_directory(out_dir) as staging:
+        _write_files(staging, export_dir, encoder_file, vectors, ids, paths, storage, dim, block_rows)
+        # Written last: a directory without bundle.json is an unfinished build.
+        (staging / BUNDLE_FILE).write_text(json.dumps(header, indent=2) + "\n", encoding="utf-8")
+    return out_dir
+
+
+def _write_files(out_dir: Path, export_dir: Path, encoder_file: Path, vectors, ids: np.ndarray,
+                 paths: Sequence[str] | None, storage: str, dim: int, block_rows: int) -> None:
+    n = len(vectors)
     shutil.copyfile(encoder_file, out_dir / "text_encoder.onnx")
     shutil.copyfile(export_dir / TOKENIZER_FILE, out_dir / TOKENIZER_FILE)
     shutil.copyfile(export_dir / PREPROCESS_FILE, out_dir / PREPROCESS_FILE)
 
     int8 = storage == "int8"
+    gallery_path = out_dir / "gallery.npy"
     gallery = np.lib.format.open_memmap(
-        out_dir / "gallery.npy", mode="w+", dtype=np.int8 if int8 else np.float16, shape=(dim, n) if int8 else (n, dim)
+        gallery_path, mode="w+", dtype=np.int8 if int8 else np.float16, shape=(dim, n) if int8 else (n, dim)
     )
+    # The memmap's file is sparse: on a full disk, writing its pages would kill the process with SIGBUS
+    # instead of raising. Reserving every block first turns that into an ENOSPC error here.
+    with open(gallery_path, "r+b") as handle:
+        os.posix_fallocate(handle.fileno(), 0, os.fstat(handle.fileno()).st_size)
     if storage == "int8":
         peak = np.zeros(dim, dtype=np.float32)
         for start, stop in _blocks(n, block_rows):
@@ -157,17 +198,3 @@ def build_bundle(
     if paths is not None:
         (out_dir / "paths.json").write_text(json.dumps([str(p) for p in paths]), encoding="utf-8")
     (out_dir / "score.onnx").write_bytes(_score_graph(storage, dim).SerializeToString())
-    export_record = read_json(export_dir / "export.json", "the export did not finish; run dsmd export again")
-    header = {
-        "format": BUNDLE_FORMAT,
-        "version": BUNDLE_VERSION,
-        "dim": dim,
-        "count": n,
-        "storage": storage,
-        "encoder": encoder,
-        "parity_min_cosine": export_record.get("parity", {}).get("min_cosine", {}).get(encoder_file.name),
-        "student": export_record.get("student", {}),
-        "meta": dict(meta or {}),
-    }
-    (out_dir / BUNDLE_FILE).write_text(json.dumps(header, indent=2) + "\n", encoding="utf-8")
-    return out_dir

@@ -31,6 +31,7 @@ from torch import nn
 
 from pipeline.errors import DsmdError
 from pipeline.models.student import Student, load_student, read_card
+from pipeline.retrieval.provenance import PROVENANCE_KEY, student_provenance
 from pipeline.retrieval.runtime import (
     PREPROCESS_FILE,
     TOKENIZER_FILE,
@@ -279,6 +280,7 @@ def export_student(
     if not texts or not images:
         raise DsmdError("export: the parity check needs at least one caption and one image of the dataset")
     card = read_card(student_dir)
+    provenance = student_provenance(student_dir)  # the weights exported here, for the bundle's check
     student = load_student(student_dir, map_location="cpu")
     out_dir.mkdir(parents=True, exist_ok=True)
     (out_dir / EXPORT_FILE).unlink(missing_ok=True)  # written last: its absence marks an unfinished export
@@ -303,6 +305,7 @@ def export_student(
         "version": EXPORT_VERSION,
         "student_dir": str(student_dir),
         "student": {k: card.get(k) for k in ("teacher", "dataset", "metrics") if k in card},
+        PROVENANCE_KEY: provenance,
         "architecture": {
             "student": dataclasses.asdict(student.cfg),
             "dim": student.dim,

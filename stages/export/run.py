@@ -13,6 +13,8 @@ from pipeline.console import console
 from pipeline.data.canonical import CanonicalDataset
 from pipeline.data.images import BadImageError, load_rgb
 from pipeline.errors import DsmdError
+from pipeline.retrieval.index import read_header
+from pipeline.retrieval.provenance import INDEX_FIX, check_belongs, recorded, student_provenance
 from stages.export.bundle import build_bundle
 from stages.export.onnx_export import export_student
 
@@ -85,20 +87,26 @@ def run_export(
         raise DsmdError(f"export: --storage must be one of {STORAGES} and --encoder one of {ENCODERS}")
     if encoder == "int8" and not int8:
         raise DsmdError("export: --no-int8 leaves no int8 text encoder for the bundle; add --encoder float")
+    if bundle:
+        # Checked before the export's minutes are spent: the gallery must be this student's.
+        if not (index_dir / "index.json").is_file():
+            raise DsmdError(
+                f"{index_dir}: no saved image index to bundle; run `dsmd evaluate` first, pass --index DIR, "
+                "or export without the bundle (--no-bundle)"
+            )
+        built = recorded(read_header(index_dir).get("meta"), f"index {index_dir}", INDEX_FIX)
+        check_belongs(built, f"index {index_dir}", student_provenance(student_dir), f"student {student_dir}",
+                      INDEX_FIX)
     ds = CanonicalDataset.load(cfg.data.canonical_dir)
     texts, images = check_inputs(ds, cfg.evaluate.split, n_texts, n_images)
     record = export_student(student_dir, out_dir, texts=texts, images=images, int8=int8)
     figures = ", ".join(f"{name} {cosine:.4f}" for name, cosine in record["parity"]["min_cosine"].items())
     console.print(f"[green]exported[/green] {student_dir} to {out_dir}; min cosine to the student: {figures}")
     if bundle:
-        if not (index_dir / "index.json").is_file():
-            raise DsmdError(
-                f"{index_dir}: no saved image index to bundle; run `dsmd evaluate` first, pass --index DIR, "
-                "or export without the bundle (--no-bundle)"
-            )
         vectors, ids, paths, meta = gallery_vectors(index_dir, student_dir, ds, cfg.evaluate.batch_size)
         target = build_bundle(
-            out_dir, out_dir / "bundle", vectors, ids=ids, paths=paths, storage=storage, encoder=encoder, meta=meta
+            out_dir, out_dir / "bundle", vectors, provenance=built, ids=ids, paths=paths, storage=storage,
+            encoder=encoder, meta=meta,
         )
         size = sum(p.stat().st_size for p in target.iterdir() if p.is_file())
         console.print(

@@ -32,6 +32,18 @@ def _leftovers(path: Path) -> list[Path]:
     return [p for p in path.parent.iterdir() if p.name.startswith(prefixes)]
 
 
+def _short_write_on_full_disk(exc: BaseException, directory: Path) -> bool:
+    """numpy writes arrays with C's fwrite and reports a short write without an errno ("640000 requested and
+    381920 written"): taken as a full disk when the file system has no block left (checked before the staging
+    directory is removed, which frees space again)."""
+    if not isinstance(exc, OSError) or exc.errno is not None:
+        return False
+    try:
+        return os.statvfs(directory).f_bavail == 0
+    except OSError:
+        return False
+
+
 @contextlib.contextmanager
 def replaced_directory(path: str | Path) -> Iterator[Path]:
     """Yield an empty staging directory beside ``path``; when the block finishes, it becomes ``path`` (an
@@ -59,7 +71,8 @@ def replaced_directory(path: str | Path) -> Iterator[Path]:
             os.replace(staging, path)
         fsync_dir(path.parent)
     except BaseException as exc:
+        full = isinstance(exc, Exception) and (is_disk_full(exc) or _short_write_on_full_disk(exc, path.parent))
         shutil.rmtree(staging, ignore_errors=True)
-        if isinstance(exc, Exception) and is_disk_full(exc):
+        if full:
             raise disk_full_error(path, kept) from None
         raise

@@ -94,3 +94,20 @@ def test_a_file_in_the_way_is_refused_before_writing(tmp_path):
     with pytest.raises(DsmdError, match="is a file"), replaced_directory(target):
         pytest.fail("the block must not run")
     assert target.read_text() == "not a directory"
+
+
+@pytest.mark.parametrize("free_blocks, full", [(0, True), (5, False)])
+def test_numpys_errno_less_short_write_counts_as_full_only_on_a_full_disk(tmp_path, monkeypatch, free_blocks, full):
+    """np.save writes with fwrite: on a full tmpfs it raised OSError('640000 requested and 381920 written'),
+    errno None (seen on a 2 MB tmpfs); the file system's free blocks tell a full disk from another failure."""
+    import os
+    from types import SimpleNamespace
+
+    real_statvfs = os.statvfs
+    monkeypatch.setattr(os, "statvfs", lambda p: SimpleNamespace(f_bavail=free_blocks) if str(p) == str(tmp_path)
+                        else real_statvfs(p))
+    short = OSError("640000 requested and 381920 written")
+    with pytest.raises(DsmdError if full else OSError) as caught, replaced_directory(tmp_path / "index"):
+        raise short
+    assert (caught.value is short) != full
+    assert list(tmp_path.iterdir()) == []

@@ -84,14 +84,68 @@ def show_config(
 
 
 COMMANDS_GROUP = "dsmd.commands"
+# The top-level modules that the `all` extra installs (pyproject.toml; tests/test_torch_free.py keeps the two in
+# step). Without them the base install still runs `dsmd store ...` and `dsmd search --bundle`; a command that
+# needs one says so in one line instead of a traceback. A missing module outside this set is a bug or a broken
+# environment, and keeps its traceback.
+OPTIONAL_MODULES = frozenset({
+    "torch", "torchvision", "pyarrow", "dask", "distributed", "timm", "transformers", "safetensors",
+    "sentencepiece", "faiss", "onnx", "onnxscript", "matplotlib", "dvc",
+})
+INSTALL_ALL = "pip install 'dsmd[all]'"
 
 
-def _register_commands() -> str | None:
+def missing_optional_module(exc: BaseException) -> str | None:
+    """The optional module (torch, pyarrow, ...) whose absence raised ``exc``, else None."""
+    if isinstance(exc, ModuleNotFoundError) and exc.name:
+        top = exc.name.partition(".")[0]
+        if top in OPTIONAL_MODULES:
+            return top
+    return None
+
+
+def needs_message(command: str, module: str) -> str:
+    return f"{command} needs {module}, which is not installed: {INSTALL_ALL}"
+
+
+def _running_command(tb) -> str:
+    """'dsmd demo teacher': the command an exception came from, read off the deepest command context among the
+    traceback's frames (click has closed the contexts by the time the exception reaches main). Contexts are
+    recognised by their attributes: typer may bring its own copy of click, whose classes are not click's."""
+    context = None
+    while tb is not None:
+        for value in tb.tb_frame.f_locals.values():
+            if all(hasattr(value, name) for name in ("command_path", "info_name", "parent", "invoked_subcommand")):
+                context = value
+        tb = tb.tb_next
+    names = []
+    while context is not None and context.parent is not None:  # the root's own name is however python was started
+        names.append(context.info_name)
+        context = context.parent
+    return " ".join(["dsmd", *reversed(names)])
+
+
+def _unavailable_group(target: typer.Typer, name: str, module: str) -> None:
+    """Stand-in for a command group whose module cannot be imported without ``module``: ``dsmd NAME ...`` (any
+    arguments) fails with the one-line message, and every other command still works."""
+
+    @target.command(
+        name,
+        help=f"(not installed: needs {module}; {INSTALL_ALL})",
+        add_help_option=False,
+        context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    )
+    def unavailable() -> None:
+        raise DsmdError(needs_message(f"dsmd {name}", module))
+
+
+def _register_commands(target: typer.Typer, entry_points=None) -> str | None:
     """Attach every command group that an installed package declares under [project.entry-points."dsmd.commands"]
     (name = "module:register"). The stages register themselves this way, so this shared module names none of
     them; each `register` module is light (no torch import at module level). Returns what went wrong, if anything.
     """
-    entry_points = importlib.metadata.entry_points(group=COMMANDS_GROUP)
+    if entry_points is None:
+        entry_points = importlib.metadata.entry_points(group=COMMANDS_GROUP)
     if not entry_points:
         # A source tree on PYTHONPATH without installed metadata (or installed before the entry points existed).
         return f"no dsmd commands are installed (entry points {COMMANDS_GROUP}); run `pip install -e .` in the repo"
@@ -99,29 +153,42 @@ def _register_commands() -> str | None:
         try:
             register = entry_point.load()
         except (ImportError, AttributeError) as exc:
+            module = missing_optional_module(exc)
+            if module is not None:
+                _unavailable_group(target, entry_point.name, module)
+                continue
             return (f"command group {entry_point.name} = {entry_point.value} cannot be loaded ({exc}); the installed "
                     "metadata may be stale: run `pip install -e .` again")
-        register(app)
+        register(target)
     return None
 
 
-_REGISTRATION_PROBLEM = _register_commands()
+_REGISTRATION_PROBLEM = _register_commands(app)
 
 
 def main() -> None:
     if _REGISTRATION_PROBLEM is not None:
-        console.print(f"[red]error:[/red] {escape(_REGISTRATION_PROBLEM)}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(_REGISTRATION_PROBLEM)
     # Click handles usage errors itself (exit 2); our own errors are printed as one line, no traceback.
     try:
         app()
     except (DsmdError, StoreError) as exc:
         # The message may hold user paths like "a[1].jpg": print it as plain text, never as rich markup.
-        console.print(f"[red]error:[/red] {escape(str(exc))}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        _fail(str(exc))
+    except ModuleNotFoundError as exc:
+        module = missing_optional_module(exc)
+        if module is None:
+            raise
+        # A base install (`pip install dsmd`) running a command that needs the `all` extra.
+        _fail(needs_message(_running_command(exc.__traceback__), module))
     except KeyboardInterrupt:
         console.print("[yellow]interrupted[/yellow]; finished work is kept, rerun the command to resume")
         sys.exit(130)
+
+
+def _fail(message: str) -> None:
+    console.print(f"[red]error:[/red] {escape(message)}", highlight=False, soft_wrap=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":

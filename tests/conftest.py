@@ -13,3 +13,11 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="session")
+def export_world(tmp_path_factory):
+    """A tiny student exported and bundled by `dsmd export` (tests/export_helpers.py); read-only for its users."""
+    from tests.export_helpers import build_export_world
+
+    return build_export_world(tmp_path_factory.mktemp("export_world"))

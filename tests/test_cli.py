@@ -145,3 +145,79 @@ def test_command_options_apply_as_overrides(tmp_path):
         assert captured["cfg"].extract.image_batch_size == 3 and captured["cfg"].extract.device == "cpu"
     finally:
         app.registered_commands[:] = [c for c in app.registered_commands if c.name != "probe-config-with"]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# A base install (`pip install dsmd`, no extras): commands that need a missing extra say so in one line.
+# tests/test_torch_free.py runs the real thing in a fresh virtual environment.
+
+
+class _EntryPointWithout:
+    """An entry point whose module imports an uninstalled package, as a stage's cli.py would without torch."""
+
+    def __init__(self, name: str, missing: str):
+        self.name, self.value, self.missing = name, f"stages.{name}.cli:register", missing
+
+    def load(self):
+        raise ModuleNotFoundError(f"No module named '{self.missing}'", name=self.missing)
+
+
+def run_main(monkeypatch, capsys, target, *args) -> tuple[int, list[str]]:
+    import pipeline.cli
+
+    monkeypatch.setattr(pipeline.cli, "app", target)
+    monkeypatch.setattr(sys, "argv", ["dsmd", *args])
+    with pytest.raises(SystemExit) as stop:
+        pipeline.cli.main()
+    err = capsys.readouterr().err
+    return stop.value.code, [line for line in err.splitlines() if line.strip()]
+
+
+def test_a_group_that_cannot_load_without_an_extra_leaves_the_others_working(monkeypatch, capsys):
+    from pipeline.cli import _register_commands
+
+    target = typer.Typer(no_args_is_help=True, pretty_exceptions_enable=False)
+    store = importlib.metadata.EntryPoint("store", "store.cli:register", "dsmd.commands")
+    assert _register_commands(target, [_EntryPointWithout("extract", "torch.nn"), store]) is None
+
+    code, lines = run_main(monkeypatch, capsys, target, "extract", "--replace-stale", "x")
+    assert code == 2
+    assert lines == ["error: dsmd extract needs torch, which is not installed: pip install 'dsmd[all]'"]
+    code, lines = run_main(monkeypatch, capsys, target, "extract", "--help")
+    assert code == 2 and len(lines) == 1 and "needs torch" in lines[0]
+
+    result = CliRunner().invoke(target, ["store", "info", "--help"])
+    assert result.exit_code == 0 and "Usage:" in result.output
+    listed = CliRunner().invoke(target, ["--help"]).output
+    assert "store" in listed and "needs torch" in listed
+
+
+def test_a_missing_module_of_our_own_still_reports_stale_metadata():
+    from pipeline.cli import _register_commands
+
+    problem = _register_commands(typer.Typer(), [_EntryPointWithout("extract", "stages.extract.gone")])
+    assert problem is not None and "pip install -e ." in problem
+
+
+def test_a_command_that_imports_a_missing_extra_is_one_line_naming_it(monkeypatch, capsys):
+    target = typer.Typer(pretty_exceptions_enable=False)
+    group = typer.Typer()
+    target.add_typer(group, name="demo")
+
+    @group.command("teacher")
+    def teacher(steps: int = 1) -> None:
+        import torch  # noqa: F401 - blocked below, as in an install without the `all` extra
+
+    @group.command("broken")
+    def broken() -> None:
+        import no_such_module_dsmd  # noqa: F401 - not an extra: a bug, which keeps its traceback
+
+    monkeypatch.setitem(sys.modules, "torch", None)  # `import torch` now raises ModuleNotFoundError
+    code, lines = run_main(monkeypatch, capsys, target, "demo", "teacher", "--steps", "3")
+    assert code == 2
+    assert lines == ["error: dsmd demo teacher needs torch, which is not installed: pip install 'dsmd[all]'"]
+    import pipeline.cli
+
+    monkeypatch.setattr(sys, "argv", ["dsmd", "demo", "broken"])
+    with pytest.raises(ModuleNotFoundError, match="no_such_module_dsmd"):
+        pipeline.cli.main()

@@ -44,6 +44,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/distill_throughput.py
 	$(BIN)/python benchmarks/evaluate.py
 	$(BIN)/python benchmarks/deploy.py --quick
+	$(BIN)/python benchmarks/teacher_load_memory.py
 
 # GPU acceptance (README, "GPU acceptance"): the device image has python3.12, torch, transformers, timm, pyarrow and
 # h5py but no zarr, dask, dvc or faiss, and installs nothing. benchmarks/gpu_acceptance.py keeps to what runs

@@ -160,7 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="dsmd-gpu-acceptance-") as scratch:
         work = args.work or Path(scratch)
         work.mkdir(parents=True, exist_ok=True)
-        run = Run(dry=args.dry_run, device=device, work=work, deadline=STARTED + args.budget)
+        run = Run(dry=args.dry_run, device=device, work=work, deadline=STARTED + args.budget,
+                  peak_tflops=meta.get("bf16_peak_tflops"))
         for section in chosen:
             run_section(section, run, report)
     report.write()

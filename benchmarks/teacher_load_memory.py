@@ -15,6 +15,7 @@ The checkpoint holds random weights in the official layout and float32, as the p
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import os
@@ -115,8 +116,8 @@ def child(modes: list[str], path: Path, config: Path) -> list[dict]:
         for mode in modes:
             _load(mode, Path(tmp) / "tiny.pth", tiny)
     rows = []
+    _give_back_freed()
     for mode in modes:
-        gc.collect()
         exact = _reset_peak()
         baseline = _status("VmRSS") if exact else _status("VmHWM")
         started = time.perf_counter()
@@ -133,8 +134,19 @@ def child(modes: list[str], path: Path, config: Path) -> list[dict]:
             "parameters": sum(p.numel() for p in model.parameters()),
             "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         })
-        del model  # freed tensors go back to the system (large blocks are their own mappings)
+        del model
+        _give_back_freed()
     return rows
+
+
+def _give_back_freed() -> None:
+    """Return freed heap memory to the system before the next load: glibc keeps large freed blocks in its
+    heap (its mmap threshold rises after such frees), and a later load reusing them would look smaller."""
+    gc.collect()
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: the caller measures each mode in its own process instead
+        pass
 
 
 def measure(path: Path, config: Path, modes=MODES, timeout: float = 900, separate: bool = False) -> list[dict]:

@@ -27,6 +27,7 @@ class Run:
     device: torch.device
     work: Path  # scratch space, kept for the whole run (sections reuse what earlier ones wrote)
     deadline: float  # time.monotonic() at which the budget is spent
+    peak_tflops: float | None = None  # the device's dense bf16 peak (datasheet), for "achieved / peak"
 
     @property
     def cuda(self) -> bool:
@@ -34,6 +35,9 @@ class Run:
 
     def left(self) -> float:
         return self.deadline - time.monotonic()
+
+    def of_peak(self, tflops: float) -> float | None:
+        return tflops / self.peak_tflops if self.peak_tflops else None
 
     def cores(self) -> int:
         return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

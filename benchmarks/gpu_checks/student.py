@@ -84,6 +84,7 @@ def student_step(run: Run, compiled: bool = False) -> dict:
         "full_over_bare": full / bare,
         "bare_tflops": bare * flops_per_sample / 1e12,
         "full_tflops": full * flops_per_sample / 1e12,
+        "full_of_bf16_peak": run.of_peak(full * flops_per_sample / 1e12),
     }
 
 

@@ -85,6 +85,8 @@ def teacher_model(run: Run) -> dict:
                 "captions_per_s": text_batch / median(text_times),
                 "image_tflops": image_flops / median(image_times) / 1e12,
                 "text_tflops": text_flops / median(text_times) / 1e12,
+                "image_of_bf16_peak": run.of_peak(image_flops / median(image_times) / 1e12),
+                "text_of_bf16_peak": run.of_peak(text_flops / median(text_times) / 1e12),
                 "image_spread": spread(image_times),
                 "text_spread": spread(text_times),
             }

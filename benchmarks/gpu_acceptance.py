@@ -69,16 +69,28 @@ class SectionTimeout(Exception):
     pass
 
 
-_overran = False
+_overran = False  # the alarm went off during the current section
+_in_section = False  # a section's own code is running (only there may the alarm raise)
 
 
 def _on_alarm(signum, frame):  # noqa: ARG001 - signal handler signature
     global _overran
     _overran = True
+    if not _in_section:
+        return
     # Some libraries catch every exception (torch.compile falls back to eager on one): fire again until the
     # section gives up.
     signal.alarm(3)
     raise SectionTimeout("stopped: the run's time budget ran out during this section")
+
+
+def _call(section: Section, run: Run) -> dict:
+    global _in_section
+    _in_section = True
+    try:
+        return section.run(run)
+    finally:
+        _in_section = False
 
 
 def _one_line(exc: BaseException) -> str:
@@ -102,7 +114,7 @@ def run_section(section: Section, run: Run, report: Report) -> None:
     signal.signal(signal.SIGALRM, _on_alarm)
     signal.alarm(max(1, int(left)))
     try:
-        results = section.run(run)
+        results = _call(section, run)
         entry = {"status": "ok", "results": results}
     except SectionTimeout as exc:
         entry = {"status": "timeout", "error": str(exc)}
@@ -111,11 +123,12 @@ def run_section(section: Section, run: Run, report: Report) -> None:
                  "traceback": traceback.format_exc().splitlines()[-12:]}
     finally:
         signal.alarm(0)
-    if _overran and entry["status"] == "ok":
-        # The stop was swallowed on the way (e.g. compilation fell back to eager): the figures are not the
-        # section's own. Keep them, but say so.
-        entry = {"status": "timeout", "error": "the time budget ran out during this section (results partial)",
-                 "results": entry["results"]}
+    if _overran and entry["status"] != "timeout":
+        # The stop was swallowed or wrapped on the way (torch.compile falls back to eager, or raises its own
+        # error around it): the figures, if any, are not the section's own. Keep them, but say so.
+        note = f" ({entry['error']})" if "error" in entry else " (results partial)"
+        entry["status"] = "timeout"
+        entry["error"] = "the time budget ran out during this section" + note
     entry["seconds"] = round(time.monotonic() - started, 1)
     free_memory(run.device)
     report.record(section.name, entry)

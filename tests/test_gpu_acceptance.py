@@ -182,11 +182,18 @@ def test_sections_are_skipped_stopped_or_failed_without_losing_the_others(tmp_pa
             pass
         return {"x": 1}
 
+    def wraps(run):
+        try:
+            time.sleep(30)
+        except Exception as exc:  # noqa: BLE001 - as inductor does, raising its own error around it
+            raise ValueError(f"compilation failed: {exc}") from exc
+
     acceptance.run_section(acceptance.Section("fails", fails, 1), _run(tmp_path, 60), report)
     acceptance.run_section(acceptance.Section("ok", lambda run: {"value": 2.5}, 1), _run(tmp_path, 60), report)
     acceptance.run_section(acceptance.Section("short", lambda run: {}, 4), _run(tmp_path, 3), report)
     acceptance.run_section(acceptance.Section("sleeps", sleeps, 1), _run(tmp_path, 3), report)
     acceptance.run_section(acceptance.Section("swallows", swallows, 1), _run(tmp_path, 2), report)
+    acceptance.run_section(acceptance.Section("wraps", wraps, 1), _run(tmp_path, 2), report)
 
     doc = json.loads((tmp_path / "out" / "gpu_acceptance.json").read_text())
     sections = doc["sections"]
@@ -196,6 +203,7 @@ def test_sections_are_skipped_stopped_or_failed_without_losing_the_others(tmp_pa
     assert sections["sleeps"]["status"] == "timeout" and 2 <= sections["sleeps"]["seconds"] < 8
     assert sections["swallows"]["status"] == "timeout" and sections["swallows"]["results"] == {"x": 1}
     assert sections["swallows"]["seconds"] < 6
+    assert sections["wraps"]["status"] == "timeout" and "ValueError: compilation failed" in sections["wraps"]["error"]
 
 
 def test_targets_judge_minimum_and_maximum():

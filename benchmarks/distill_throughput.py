@@ -56,10 +56,11 @@ CAPTIONS_PER_IMAGE = 5
 VAL_IMAGES = 8
 
 
-def build_world(root: Path, n_train: int, image_size: int, dim: int) -> tuple[Path, Path]:
-    """Shapes images + canonical dataset + a store of random unit teacher features; reused when present."""
-    canonical, store_path = root / "canonical", root / f"store-{dim}.zarr"
-    marker = root / f"ready-{n_train}-{image_size}-{dim}"
+def build_world(root: Path, n_train: int, image_size: int, dim: int, store_suffix: str = ".zarr") -> tuple[Path, Path]:
+    """Shapes images + canonical dataset + a store of random unit teacher features; reused when present.
+    store_suffix ".h5" makes an HDF5 store (where zarr is not installed)."""
+    canonical, store_path = root / "canonical", root / f"store-{dim}{store_suffix}"
+    marker = root / f"ready-{n_train}-{image_size}-{dim}{store_suffix}"
     if marker.exists():
         return canonical, store_path
     demo = DemoConfig(out_dir=str(root / "shapes"), n_train=n_train, n_val=VAL_IMAGES, n_test=0,

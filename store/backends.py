@@ -1,5 +1,9 @@
 """Choosing a backend for a path (what is already there wins, else the suffix: .h5/.hdf5 -> HDF5, else zarr),
-holding a store for one writing command, and deleting a store (and nothing else)."""
+holding a store for one writing command, and deleting a store (and nothing else).
+
+The zarr backend is imported only where a zarr store is used, so that HDF5 stores work where zarr is not
+installed (the GPU image the acceptance run uses has h5py but no zarr).
+"""
 
 from __future__ import annotations
 
@@ -7,17 +11,21 @@ import contextlib
 import shutil
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING, Union
 
 from store.errors import StoreError
 from store.fsutil import WriterLease
 from store.hdf5_backend import Hdf5Backend
-from store.zarr_backend import LEASE_FILE, LOCK_FILES, ZarrBackend, folder_problem, refuse_foreign_folder
+
+if TYPE_CHECKING:
+    from store.zarr_backend import ZarrBackend
 
 BACKENDS = ("zarr", "hdf5")
 HDF5_SUFFIXES = (".h5", ".hdf5", ".hdf")
 _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 
-Backend = ZarrBackend | Hdf5Backend
+# Union, not "X | Y": ZarrBackend is only a name here (imported for type checkers alone).
+Backend = Union["ZarrBackend", Hdf5Backend]
 
 
 def detect_backend(path: Path, backend: str = "auto") -> str:
@@ -51,7 +59,11 @@ def open_backend(path: Path, backend: str, *, writable: bool) -> Backend:
     kind = detect_backend(path, backend)
     if not writable and not path.exists():
         raise StoreError(f"{path}: no feature store there; run dsmd extract to make it (or check extract.store)")
-    return ZarrBackend(path, writable=writable) if kind == "zarr" else Hdf5Backend(path, writable=writable)
+    if kind == "hdf5":
+        return Hdf5Backend(path, writable=writable)
+    from store.zarr_backend import ZarrBackend
+
+    return ZarrBackend(path, writable=writable)
 
 
 @contextlib.contextmanager
@@ -63,6 +75,8 @@ def writer_lease(path: Path, command: str) -> Iterator[None]:
     if detect_backend(path) == "hdf5":
         yield
         return
+    from store.zarr_backend import LEASE_FILE, LOCK_FILES, refuse_foreign_folder
+
     refuse_foreign_folder(path)
     made = not path.exists()
     path.mkdir(parents=True, exist_ok=True)
@@ -86,6 +100,8 @@ def delete_store(path: Path) -> None:
     stays, so that the command holding it keeps the store while it rebuilds it."""
     path = Path(path)
     if path.is_dir():
+        from store.zarr_backend import LEASE_FILE, folder_problem
+
         problem = folder_problem(path, strict=True)
         if problem:
             raise StoreError(f"{problem}: not deleting it; move those files away or point the store elsewhere")

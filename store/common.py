@@ -9,7 +9,6 @@ from pathlib import Path
 
 import h5py
 import numpy as np
-import zarr
 
 from store.errors import StoreError
 from store.layout import SCHEMA_VERSION, Layout
@@ -26,7 +25,12 @@ def library_versions() -> dict:
         dsmd_version = metadata.version("dsmd")
     except metadata.PackageNotFoundError:
         dsmd_version = "unknown"
-    return {"dsmd": dsmd_version, "numpy": np.__version__, "zarr": zarr.__version__, "h5py": h5py.__version__}
+    # zarr's version from its metadata, not an import: an HDF5 store is made where zarr is absent (the GPU image).
+    try:
+        zarr_version = metadata.version("zarr")
+    except metadata.PackageNotFoundError:
+        zarr_version = "not installed"
+    return {"dsmd": dsmd_version, "numpy": np.__version__, "zarr": zarr_version, "h5py": h5py.__version__}
 
 
 def json_data(value: dict, what: str) -> dict:

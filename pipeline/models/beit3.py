@@ -11,6 +11,11 @@ Differences from the reference implementation are for speed only: attention goes
 `F.scaled_dot_product_attention`, and the q/k/v projections of each expert are concatenated into one matrix at
 load time (`qkv_proj`), split again by `official_state_dict` when saving, so files always keep the official key
 layout.
+
+Loading (`load_beit3_weights`) keeps host memory near one copy of the model: the file is memory mapped, the
+model is built on the meta device and takes each tensor as a fresh copy in the run's dtype, and each source
+tensor's pages are given back right after its copy (pipeline/models/mapped_file.py). A 2.1B-parameter giant
+checkpoint (8.5 GB float32) no longer needs the file and the model in memory at once.
 """
 
 from __future__ import annotations
@@ -18,6 +23,8 @@ from __future__ import annotations
 import json
 import math
 import re
+import zipfile
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -27,6 +34,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.errors import DsmdError
+from pipeline.models.mapped_file import MappedFile
 
 __all__ = [
     "NAMED_SIZES",
@@ -40,6 +48,7 @@ __all__ = [
     "load_official_state_dict",
     "official_state_dict",
     "load_beit3",
+    "load_beit3_weights",
     "beit3_from_state",
     "checkpoint_grid",
     "save_official_checkpoint",
@@ -472,11 +481,18 @@ def interpolate_vision_positions(weight: torch.Tensor, grid: int) -> torch.Tenso
     return torch.cat([weight[:extra], patches], dim=0)
 
 
-def load_official_state_dict(model: BEiT3Retrieval, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
-    """Load official-layout weights into `model`, checking every key and shape first.
+def _internal_state(
+    model: BEiT3Retrieval,
+    state: dict[str, torch.Tensor],
+    source: str,
+    dtype: torch.dtype | None = None,
+    release: Callable[[torch.Tensor], None] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Official-layout weights checked key by key and shape by shape, turned into the model's own keys.
 
-    The vision position table is interpolated to the model's image size when the checkpoint was made for
-    another one. Raises DsmdError naming missing, unexpected or mis-shaped keys.
+    With `dtype`, every tensor is copied into fresh memory of that dtype and `release` (if any) is called on each
+    source tensor right after its copy, so that a memory-mapped checkpoint never has to be resident in full
+    next to the model. Without it the tensors pass through (q/k/v are concatenated either way).
     """
     shapes = _official_shapes(model)
     missing = sorted(set(shapes) - set(state))
@@ -508,27 +524,61 @@ def load_official_state_dict(model: BEiT3Retrieval, state: dict[str, torch.Tenso
             f"(embed_dim {model.cfg.embed_dim}, ffn {model.cfg.ffn_dim}, vocab {model.cfg.vocab_size}): "
             + _listing(wrong, 6) + ". Is teacher.size right for this checkpoint?"
         )
+
+    def done(*sources: torch.Tensor) -> None:
+        if release is not None:
+            for tensor in sources:
+                release(tensor)
+
     internal: dict[str, torch.Tensor] = {}
     pending: dict[tuple[str, str, str], dict[str, torch.Tensor]] = {}
-    for key, value in state.items():
+    for key in list(state):
         match = _SPLIT.match(key)
-        if match is None:
-            internal[key] = value
+        if match is not None:
+            prefix, name, expert, kind = match.groups()
+            pending.setdefault((prefix, expert, kind), {})[name] = state.pop(key)
             continue
-        prefix, name, expert, kind = match.groups()
-        pending.setdefault((prefix, expert, kind), {})[name] = value
+        value = state.pop(key)
+        if dtype is not None:
+            value_copy = torch.empty(value.shape, dtype=dtype)
+            value_copy.copy_(value)
+            done(value)
+            value = value_copy
+        internal[key] = value
     for (prefix, expert, kind), parts in pending.items():
-        internal[f"{prefix}qkv_proj.{expert}.{kind}"] = torch.cat([parts["q"], parts["k"], parts["v"]], dim=0)
-    model.load_state_dict(internal, strict=True)
+        q, k, v = parts["q"], parts["k"], parts["v"]
+        if dtype is None:
+            fused = torch.cat([q, k, v], dim=0)
+        else:
+            # Written part by part into the fused matrix: no float32 intermediate of the whole.
+            fused = torch.empty((q.shape[0] + k.shape[0] + v.shape[0], *q.shape[1:]), dtype=dtype)
+            for part, rows in zip((q, k, v), fused.split([q.shape[0], k.shape[0], v.shape[0]]), strict=True):
+                rows.copy_(part)
+            done(q, k, v)
+        internal[f"{prefix}qkv_proj.{expert}.{kind}"] = fused
+    return internal
 
 
-def read_checkpoint(path: str | Path) -> dict[str, torch.Tensor]:
-    """A state_dict from {"model": sd}, {"module": sd} or a bare sd, loaded with weights_only=True."""
+def load_official_state_dict(model: BEiT3Retrieval, state: dict[str, torch.Tensor], source: str = "checkpoint") -> None:
+    """Load official-layout weights into `model` (copied into its tensors), checking every key and shape first.
+
+    The vision position table is interpolated to the model's image size when the checkpoint was made for
+    another one. Raises DsmdError naming missing, unexpected or mis-shaped keys.
+    """
+    model.load_state_dict(_internal_state(model, state, source), strict=True)
+
+
+def read_checkpoint(path: str | Path, *, mmap: bool = False) -> dict[str, torch.Tensor]:
+    """A state_dict from {"model": sd}, {"module": sd} or a bare sd, loaded with weights_only=True.
+
+    mmap: map the file instead of reading it (tensors are paged in when used); files in torch's legacy
+    (non-zip) format cannot be mapped and are read as before.
+    """
     path = Path(path)
     if not path.is_file():
         raise DsmdError(f"{path}: BEiT-3 checkpoint not found (download it yourself and set teacher.checkpoint)")
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
     except Exception as exc:  # unpickling errors come in many types
         raise DsmdError(
             f"{path}: cannot load as a weights-only torch checkpoint ({type(exc).__name__}: "
@@ -554,19 +604,49 @@ def checkpoint_grid(state: dict[str, torch.Tensor]) -> int | None:
     return grid if grid * grid == patches else None
 
 
-def beit3_from_state(state: dict[str, torch.Tensor], cfg: BEiT3Config, source: str = "checkpoint") -> BEiT3Retrieval:
-    """Build the model for `cfg` and load official-layout weights into it (float32, CPU, eval mode)."""
+def beit3_from_state(
+    state: dict[str, torch.Tensor],
+    cfg: BEiT3Config,
+    source: str = "checkpoint",
+    *,
+    dtype: torch.dtype = torch.float32,
+    release: Callable[[torch.Tensor], None] | None = None,
+) -> BEiT3Retrieval:
+    """Build the model for `cfg` from official-layout weights (CPU, eval mode, parameters in `dtype`).
+
+    The model is made on the meta device and takes fresh `dtype` copies of the weights as its own
+    (load_state_dict(assign=True)): nothing is allocated twice. `release` is called on each source tensor once
+    it is copied (MappedFile.release gives a memory-mapped file's pages back).
+    """
     with torch.device("meta"):
         model = BEiT3Retrieval(cfg)
-    # Allocated without a random init: every tensor is overwritten by the checkpoint.
-    model = model.to_empty(device="cpu")
-    load_official_state_dict(model, state, source=source)
-    return model.float().eval()
+    model.load_state_dict(_internal_state(model, state, source, dtype=dtype, release=release), strict=True,
+                          assign=True)
+    left = [name for name, tensor in model.state_dict(keep_vars=True).items() if tensor.is_meta]
+    if left:  # strict=True covers the state_dict; this guards a buffer kept out of it
+        raise DsmdError(f"{source}: BEiT-3 tensors left without weights: {_listing(left)}")
+    return model.eval()
 
 
-def load_beit3(checkpoint: str | Path, cfg: BEiT3Config) -> BEiT3Retrieval:
-    """Build the model for `cfg` and load an official checkpoint file into it (float32, CPU, eval mode)."""
-    return beit3_from_state(read_checkpoint(checkpoint), cfg, source=str(checkpoint))
+def load_beit3_weights(
+    checkpoint: str | Path, cfg: BEiT3Config, dtype: torch.dtype = torch.float32
+) -> tuple[BEiT3Retrieval, int | None]:
+    """The model for `cfg` with an official checkpoint file's weights in `dtype`, and the patch grid the file
+    was trained for (None if unreadable).
+
+    Host memory peaks near one copy of the model in `dtype`, not the file plus the model: the file is memory
+    mapped, each tensor is copied (and cast) into the model and its pages are given back at once.
+    """
+    state = read_checkpoint(checkpoint, mmap=True)
+    pages = MappedFile(checkpoint)
+    grid = checkpoint_grid(state)
+    model = beit3_from_state(state, cfg, source=str(checkpoint), dtype=dtype, release=pages.release)
+    return model, grid
+
+
+def load_beit3(checkpoint: str | Path, cfg: BEiT3Config, dtype: torch.dtype = torch.float32) -> BEiT3Retrieval:
+    """Build the model for `cfg` and load an official checkpoint file into it (CPU, eval mode, `dtype`)."""
+    return load_beit3_weights(checkpoint, cfg, dtype)[0]
 
 
 def save_official_checkpoint(model: BEiT3Retrieval, path: str | Path) -> None:

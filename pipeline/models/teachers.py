@@ -28,10 +28,8 @@ from pipeline.errors import DsmdError
 from pipeline.models.beit3 import (
     BEiT3Config,
     BEiT3Retrieval,
-    beit3_from_state,
-    checkpoint_grid,
     config_dict,
-    read_checkpoint,
+    load_beit3_weights,
     resolve_config,
 )
 from pipeline.models.beit3_tokenizer import BEiT3Tokenizer, file_sha256
@@ -341,10 +339,11 @@ def load_beit3_teacher(
 ) -> BEiT3Teacher:
     model_cfg = resolve_config(cfg.size, img_size=cfg.img_size, max_text_len=cfg.max_text_len)
     tokenizer = BEiT3Tokenizer(cfg.tokenizer, model_cfg.max_text_len)
-    state = read_checkpoint(cfg.checkpoint)
-    source_grid = checkpoint_grid(state)
-    model = beit3_from_state(state, model_cfg, source=cfg.checkpoint)
-    del state
+    device = resolve_device(device)
+    precision = resolve_precision(precision, device)
+    # Cast while loading: a bf16 run never holds the float32 weights (fp16 keeps them, for autocast).
+    dtype = torch.bfloat16 if precision == "bf16" else torch.float32
+    model, source_grid = load_beit3_weights(cfg.checkpoint, model_cfg, dtype)
     return BEiT3Teacher(
         model, tokenizer, name=cfg.name, size=cfg.size, checkpoint=cfg.checkpoint,
         source_grid=source_grid, device=device, precision=precision,

@@ -28,6 +28,12 @@ class Parts:
         """Everything the optimiser updates."""
         return [p for group in self.optimizer.param_groups for p in group["params"]]
 
+    def weights(self) -> dict[str, torch.Tensor]:
+        """The learned tensors a checkpoint must hold finite: the student's state and the objective's
+        parameters (the baseline's temperature; the distillation objectives have none)."""
+        learned = {f"objective.{name}": p.detach() for name, p in self.objective.named_parameters()}
+        return {**self.student.state_dict(), **learned}
+
 
 def build_parts(ctx: RunContext, data: TrainingData) -> Parts:
     dc, device = ctx.cfg.distill, ctx.device
@@ -41,7 +47,11 @@ def build_parts(ctx: RunContext, data: TrainingData) -> Parts:
     )
     objective = data.method.objective(data.dim).to(device)
     balancer = DynamicBalancer.from_config(objective.names, dc.balancer)
-    optimizer = torch.optim.AdamW(student.parameters(), lr=dc.lr, weight_decay=dc.weight_decay)
+    groups = [{"params": list(student.parameters())}]
+    learned = list(objective.parameters())
+    if learned:  # the baseline's temperature; CLIP leaves it out of weight decay, which would pull it to 1
+        groups.append({"params": learned, "weight_decay": 0.0})
+    optimizer = torch.optim.AdamW(groups, lr=dc.lr, weight_decay=dc.weight_decay)
     scheduler = torch.optim.lr_scheduler.MultiStepLR(optimizer, dc.lr_step_epochs, dc.lr_gamma)
     scaler = torch.amp.GradScaler("cuda", enabled=device.type == "cuda" and dc.precision == "fp16")
     return Parts(student, model, objective, balancer, optimizer, scheduler, scaler)

@@ -16,7 +16,7 @@ from pipeline.models.student import load_vocab_tokenizer, make_tokenizer
 from stages.distill.context import RunContext
 from stages.distill.data import EpochBatches, PairRows
 from stages.distill.ddp import barrier
-from stages.distill.methods import DsmdMethod, method_for
+from stages.distill.methods import Method, method_for
 
 
 class Tokenize:
@@ -33,7 +33,7 @@ class Tokenize:
 @dataclass
 class TrainingData:
     ds: CanonicalDataset
-    method: DsmdMethod
+    method: Method
     dim: int  # the student's output dimension
     train_pairs: np.ndarray  # caption ids
     val_images: np.ndarray
@@ -45,10 +45,8 @@ def load_training_data(ctx: RunContext) -> TrainingData:
     ds = CanonicalDataset.load(cfg.data.canonical_dir)
     # Loader workers open their own reader; the main process needs the rows only when it loads batches.
     method = method_for(cfg, ds, in_memory=dc.load_store_in_ram and dc.loader_workers == 0)
-    reader = method.reader
-    dim = reader.dim(dc.teacher, "image")
-    image_valid = reader.valid(dc.teacher, "image")
-    text_valid = reader.valid(dc.teacher, "text")
+    dim = method.dim()
+    image_valid, text_valid = method.valid()
     train_pairs = method.train_pairs(image_valid, text_valid)
     if len(train_pairs) < dc.batch_size:
         raise DsmdError(

@@ -101,6 +101,7 @@ class StepLoop:
         parts = self.parts
         parts.scaler.step(parts.optimizer)
         parts.scaler.update()
+        self.data.method.after_step(parts.objective)
         parts.optimizer.zero_grad(set_to_none=True)
         self.progress.step += 1
         parts.balancer.end_step()

@@ -79,7 +79,7 @@ class Checkpointer:
 
     def save(self) -> None:
         if self.ctx.ranks.is_main:
-            bad = nonfinite_tensors(self.parts.student.state_dict())
+            bad = nonfinite_tensors(self.parts.weights())
             if bad:  # the step checks should have stopped the run before; never overwrite a good checkpoint
                 raise NonFiniteError(
                     f"not saving {self.path}: non-finite weights in {', '.join(bad[:5])} at "
@@ -112,7 +112,9 @@ class Checkpointer:
         if mode == "no" or (mode == "auto" and not path.exists()):
             return False
         state = load_checkpoint(path)
+        learned = {name for name, _ in self.parts.objective.named_parameters()}
         bad = nonfinite_tensors(state.get("model", {}))
+        bad += [f"objective.{k}" for k in nonfinite_tensors(state.get("losses", {})) if k in learned]
         if bad:
             raise NonFiniteError(
                 f"{path} holds non-finite weights ({', '.join(bad[:5])}): it cannot be resumed. Delete it (or run "

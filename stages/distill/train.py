@@ -1,4 +1,5 @@
-"""`dsmd distill`: train the student against the teacher features in the store (METHOD.md).
+"""`dsmd distill`: train the student against the teacher features in the store (METHOD.md), or, with
+distill.method=supervised, on the ground-truth pairs alone (the no-teacher baseline).
 
 Outputs under distill.out_dir: ``student/`` (the best student by validation RSUM: safetensors + card),
 ``checkpoints/last.pt`` (everything to resume), ``train_log.csv`` (every loss, balancer weight and magnitude

@@ -54,10 +54,8 @@ def validate(ctx: RunContext, data: TrainingData, student: Student) -> dict[str,
 def _card(ctx: RunContext, data: TrainingData, progress: Progress, metrics: dict | None) -> dict:
     cfg = ctx.cfg
     return {
-        "teacher": cfg.distill.teacher,
-        "teacher_provenance": data.method.reader.provenance(cfg.distill.teacher, "image").get("teacher", {}),
+        **data.method.card(),  # teacher, teacher_provenance, store
         "dataset": {"name": data.ds.name, "fingerprint": data.ds.fingerprint},
-        "store": str(cfg.extract.store),
         "method": cfg.distill.method,
         "epoch": progress.epoch,
         "step": progress.step,

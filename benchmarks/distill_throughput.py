@@ -38,6 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from pipeline.config import Config, DataConfig, DemoConfig, StudentConfig  # noqa: E402
 from pipeline.data.canonical import CanonicalDataset, prepare_dataset  # noqa: E402
 from stages.demo.shapes import generate_shapes  # noqa: E402
+from stages.distill.inputs import train_loader  # noqa: E402
 from stages.distill.train import Trainer  # noqa: E402
 from store import FeatureStore  # noqa: E402
 
@@ -107,14 +108,14 @@ def _sync(device: torch.device) -> None:
 def full_step_rate(trainer: Trainer, warmup: int) -> tuple[float, int]:
     """Pairs/s of the trainer's own loop over one epoch, from timestamps after each optimiser step."""
     stamps: list[float] = []
-    step = trainer._optimizer_step
+    step = trainer.loop.optimizer_step
 
     def timed_step() -> None:
         step()
         _sync(trainer.device)
         stamps.append(time.perf_counter())
 
-    trainer._optimizer_step = timed_step
+    trainer.loop.optimizer_step = timed_step
     trainer.train()
     measured = len(stamps) - 1 - warmup
     if measured < 1:
@@ -124,7 +125,7 @@ def full_step_rate(trainer: Trainer, warmup: int) -> tuple[float, int]:
 
 def bare_step_rate(trainer: Trainer, steps: int, warmup: int) -> float:
     """Pairs/s of forward + losses + balancer + backward + optimiser step on one batch held on the device."""
-    batch = next(iter(trainer._loader(0, 0)))
+    batch = next(iter(train_loader(trainer.ctx, trainer.data, trainer.student, 0, 0)))
     dev = trainer.device
     batch = dataclasses.replace(
         batch,
@@ -132,15 +133,16 @@ def bare_step_rate(trainer: Trainer, steps: int, warmup: int) -> float:
         teacher_image=batch.teacher_image.to(dev), teacher_text=batch.teacher_text.to(dev),
         image_ids=batch.image_ids.to(dev),
     )
-    trainer.model.train()
+    parts = trainer.parts
+    parts.model.train()
     stamps = []
     for _ in range(warmup + 1 + steps):
-        values, total, teacher = trainer._forward(batch)
-        trainer.scaler.scale(total).backward()
-        trainer.losses.enqueue(*teacher)
-        trainer.scaler.step(trainer.optimizer)
-        trainer.scaler.update()
-        trainer.optimizer.zero_grad(set_to_none=True)
+        values, total, teacher = trainer.loop.forward(batch)
+        parts.scaler.scale(total).backward()
+        parts.objective.enqueue(*teacher)
+        parts.scaler.step(parts.optimizer)
+        parts.scaler.update()
+        parts.optimizer.zero_grad(set_to_none=True)
         float(total.detach())  # the loop's per-step log syncs once per step too
         stamps.append(time.perf_counter())
     return trainer.cfg.distill.batch_size * steps / (stamps[-1] - stamps[warmup])

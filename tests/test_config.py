@@ -221,6 +221,8 @@ OUT_OF_RANGE = [
     ("distill.mcad.teacher_weights", "[1, -1]", "distill.mcad.teacher_weights[1]: -1.0 is out of range"),
     ("distill.mcad.teachers", "[]", "distill.mcad.teachers: needs at least 1 entry"),
     ("distill.mcad.align_ridge", "-1", "distill.mcad.align_ridge: -1.0 is out of range; it must be >= 0"),
+    ("distill.supervised.dim", "0", "distill.supervised.dim: 0 is out of range; it must be >= 1"),
+    ("distill.method", "clip", "distill.method: 'clip' is not one of 'dsmd', 'mcad', 'supervised'"),
     ("extract.image_batch_size", "0", "extract.image_batch_size: 0 is out of range; it must be >= 1"),
     ("extract.text_batch_size", "-5", "extract.text_batch_size: -5 is out of range; it must be >= 1"),
     ("extract.rows_per_chunk", "0", "extract.rows_per_chunk: 0 is out of range; it must be >= 1"),

@@ -52,7 +52,7 @@ def test_a_nan_teacher_row_stops_training_before_it_is_used(world, tmp_path, mon
     assert f"oracle/text rows {POISONED_CAPTION}" in message and str(store) in message
     assert "dsmd extract --repair" in message and "\n" not in message
     failing_step = int(message.split("at step ")[1].split(" ")[0])
-    assert f"caption ids [" in message and str(POISONED_CAPTION) in message.split("caption ids [")[1].split("]")[0]
+    assert "caption ids [" in message and str(POISONED_CAPTION) in message.split("caption ids [")[1].split("]")[0]
     checkpoint = tmp_path / "out" / "checkpoints" / "last.pt"
     if failing_step > 1:  # every step before it was saved, and none after
         state = torch.load(checkpoint, map_location="cpu", weights_only=True)

@@ -35,6 +35,7 @@ from pipeline.config.schema import (
     LossesConfig,
     McadConfig,
     StudentConfig,
+    SupervisedConfig,
     TeacherConfig,
 )
 from pipeline.config.stages import (
@@ -68,6 +69,7 @@ __all__ = [
     "STAGE_PARAMS",
     "StageSettings",
     "StudentConfig",
+    "SupervisedConfig",
     "TeacherConfig",
     "UndeclaredSetting",
     "dump_config",

@@ -206,8 +206,17 @@ class McadConfig:
 
 
 @dataclass
+class SupervisedConfig:
+    # The student's output width. The baseline reads no teacher features, so nothing else fixes it; give the
+    # distilled student's (distill.teacher's feature width) to compare like with like. The demo teacher's: 128.
+    dim: PosInt = 128
+
+
+@dataclass
 class DistillConfig:
-    method: Literal["dsmd", "mcad"] = "dsmd"
+    # dsmd and mcad distil the teacher features in the store; supervised is the no-teacher baseline: the same
+    # student, pairs and schedule trained on the captions with CLIP's InfoNCE (distill.supervised).
+    method: Literal["dsmd", "mcad", "supervised"] = "dsmd"
     # The store name of the teacher whose features the student learns.
     teacher: str = "beit3"
     out_dir: str = "runs/distill"
@@ -242,6 +251,7 @@ class DistillConfig:
     losses: LossesConfig = field(default_factory=LossesConfig)
     balancer: BalancerConfig = field(default_factory=BalancerConfig)
     mcad: McadConfig = field(default_factory=McadConfig)
+    supervised: SupervisedConfig = field(default_factory=SupervisedConfig)
 
 
 @dataclass

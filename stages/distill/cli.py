@@ -19,7 +19,8 @@ def register(app: typer.Typer) -> None:
             "checkpoint of the same settings exists.",
         ),
     ) -> None:
-        """Train the student on the teacher features in the store (DSMD losses and balancer)."""
+        """Train the student on the teacher features in the store (DSMD or MCAD), or on the captions alone
+        (distill.method=supervised, the no-teacher baseline)."""
         from stages.distill.train import run_distill
 
         mode = "auto" if resume is None else ("yes" if resume else "no")

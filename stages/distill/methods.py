@@ -1,8 +1,10 @@
 """The teacher side of a distillation method: which store rows a batch carries and which losses consume them.
 
-The training loop is the same for every method; it asks its method for the store reader, the usable training
-pairs, the provenance that keys checkpoints, the objective (losses with ``names``, ``top_level`` and
-``enqueue``), the collate function for loader workers and, per batch, the losses on the gathered teacher rows.
+The training loop is the same for every method; it asks its method for the student's dimension, the valid
+rows and usable training pairs, the provenance that keys checkpoints, what the student's card says of the
+teacher, the objective (losses with ``names``, ``top_level`` and ``enqueue``), the collate function for loader
+workers, per batch the losses on the gathered teacher rows, and what to do after each optimiser step.
+The no-teacher baseline (``supervised``) answers all of it without the store.
 """
 
 from __future__ import annotations
@@ -27,6 +29,8 @@ from stages.distill.mcad_data import (
     mcad_usable_pairs,
     open_mcad_reader,
 )
+from stages.distill.supervised import SupervisedContrastive
+from stages.distill.supervised_data import GroundTruthCollate, pair_validity
 from store import open_store
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
@@ -66,11 +70,24 @@ class DsmdMethod:
             self.cfg.extract.store, dataset_fingerprint=self.ds.fingerprint, teacher=self.teacher, in_memory=in_memory
         )
 
+    def dim(self) -> int:
+        """The student's output dimension: the teacher's."""
+        return self.reader.dim(self.teacher, "image")
+
+    def valid(self) -> tuple[np.ndarray, np.ndarray]:
+        """(image, caption) masks of the rows with teacher features; they pick the validation pairs."""
+        return self.reader.valid(self.teacher, "image"), self.reader.valid(self.teacher, "text")
+
     def train_pairs(self, image_valid: np.ndarray, text_valid: np.ndarray) -> np.ndarray:
         return usable_pairs(self.ds, "train", image_valid, text_valid)
 
     def provenance(self) -> dict:
         return self.reader.provenance(self.teacher, "image").get("teacher", {})
+
+    def card(self) -> dict:
+        """What the student's card says of its teacher."""
+        provenance = self.reader.provenance(self.teacher, "image").get("teacher", {})
+        return {"teacher": self.teacher, "teacher_provenance": provenance, "store": str(self.cfg.extract.store)}
 
     def objective(self, dim: int) -> torch.nn.Module:
         return DistillationLosses(self.cfg.distill.losses, dim)
@@ -93,6 +110,9 @@ class DsmdMethod:
         t_v = gather(batch.teacher_image.to(device).float())
         t_t = gather(batch.teacher_text.to(device).float())
         return objective(s_v, s_t, t_v, t_t, ids), (t_v, t_t, ids)
+
+    def after_step(self, objective) -> None:
+        pass
 
 
 class McadMethod(DsmdMethod):
@@ -138,5 +158,52 @@ class McadMethod(DsmdMethod):
         return objective(s_v, s_t, rows, ids), (rows, ids)
 
 
-def method_for(cfg: Config, ds: CanonicalDataset, in_memory: bool) -> DsmdMethod:
-    return {"dsmd": DsmdMethod, "mcad": McadMethod}[cfg.distill.method](cfg, ds, in_memory)
+class SupervisedMethod:
+    """No teacher: the ground-truth pairs with CLIP's symmetric InfoNCE and its learnable temperature
+    (stages.distill.supervised). Never opens the store; the student's width is distill.supervised.dim."""
+
+    reader = None
+
+    def __init__(self, cfg: Config, ds: CanonicalDataset, in_memory: bool):
+        self.cfg, self.ds = cfg, ds
+
+    def dim(self) -> int:
+        return self.cfg.distill.supervised.dim
+
+    def valid(self) -> tuple[np.ndarray, np.ndarray]:
+        return pair_validity(self.ds)
+
+    def train_pairs(self, image_valid: np.ndarray, text_valid: np.ndarray) -> np.ndarray:
+        return usable_pairs(self.ds, "train", image_valid, text_valid)
+
+    def provenance(self) -> dict:
+        return {}  # nothing outside the settings and the dataset, which the checkpoint digest holds already
+
+    def card(self) -> dict:
+        return {"teacher": None, "teacher_provenance": {}, "store": None}
+
+    def objective(self, dim: int) -> torch.nn.Module:
+        return SupervisedContrastive()
+
+    def value_names(self, objective, device: torch.device, dim: int) -> list[str]:
+        probe = torch.nn.functional.normalize(torch.ones(2, dim), dim=-1).to(device)
+        with torch.no_grad():
+            return list(objective(probe, probe, torch.arange(2, device=device)))
+
+    def collate(self, tokenize: Callable, workers: int):
+        return GroundTruthCollate(tokenize)
+
+    def losses(self, objective, s_v, s_t, batch, device: torch.device, ids: torch.Tensor, gather: Gather):
+        # Over the gathered global batch, as the other methods: negatives from every rank. Nothing to enqueue.
+        return objective(s_v, s_t, ids), ()
+
+    def after_step(self, objective) -> None:
+        objective.clamp_()
+
+
+Method = DsmdMethod | SupervisedMethod
+
+
+def method_for(cfg: Config, ds: CanonicalDataset, in_memory: bool) -> Method:
+    methods = {"dsmd": DsmdMethod, "mcad": McadMethod, "supervised": SupervisedMethod}
+    return methods[cfg.distill.method](cfg, ds, in_memory)

@@ -77,3 +77,9 @@ class SupervisedContrastive(nn.Module):
 
     def enqueue(self, *_: torch.Tensor) -> None:
         pass
+
+    @torch.no_grad()
+    def clamp_(self) -> None:
+        """Pull the parameter back to the clamp after an optimiser step (as CLIP does): past it the forward's
+        clamp passes no gradient, and a scale left there could never learn its way down again."""
+        self.logit_scale.clamp_(max=MAX_LOGIT_SCALE)

@@ -1,0 +1,105 @@
+"""What the run trains and validates on: the dataset, the method's store reader and usable pairs, the student's
+vocabulary, and the per-epoch training loader."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+
+from pipeline.data.canonical import CanonicalDataset
+from pipeline.data.pairs import usable_pairs
+from pipeline.errors import DsmdError
+from pipeline.models.student import load_vocab_tokenizer, make_tokenizer
+from stages.distill.context import RunContext
+from stages.distill.data import EpochBatches, PairRows
+from stages.distill.ddp import barrier
+from stages.distill.methods import Method, method_for
+
+
+class Tokenize:
+    """A picklable tokenise function for loader workers (the model itself stays in the main process)."""
+
+    def __init__(self, tokenizer, max_len: int):
+        self.tokenizer, self.max_len = tokenizer, max_len
+
+    def __call__(self, texts: list[str]) -> dict:
+        out = self.tokenizer(texts, padding=True, truncation=True, max_length=self.max_len, return_tensors="pt")
+        return {"input_ids": out["input_ids"], "attention_mask": out["attention_mask"]}
+
+
+@dataclass
+class TrainingData:
+    ds: CanonicalDataset
+    method: Method
+    dim: int  # the student's output dimension
+    train_pairs: np.ndarray  # caption ids
+    val_images: np.ndarray
+    val_captions: np.ndarray
+
+
+def load_training_data(ctx: RunContext) -> TrainingData:
+    cfg, dc = ctx.cfg, ctx.cfg.distill
+    ds = CanonicalDataset.load(cfg.data.canonical_dir)
+    # Loader workers open their own reader; the main process needs the rows only when it loads batches.
+    method = method_for(cfg, ds, in_memory=dc.load_store_in_ram and dc.loader_workers == 0)
+    dim = method.dim()
+    image_valid, text_valid = method.valid()
+    train_pairs = method.train_pairs(image_valid, text_valid)
+    if len(train_pairs) < dc.batch_size:
+        raise DsmdError(
+            f"only {len(train_pairs)} usable training pairs, fewer than distill.batch_size "
+            f"({dc.batch_size}); lower the batch size or check the dataset and store"
+        )
+    val_images = ds.image_ids("val")
+    val_images = val_images[image_valid[val_images]]
+    val_captions = usable_pairs(ds, "val", image_valid, text_valid)
+    return TrainingData(ds, method, dim, train_pairs, val_images, val_captions)
+
+
+def student_tokenizer(ctx: RunContext, ds: CanonicalDataset):
+    """The student's tokenizer. A vocabulary built from the captions is written by rank 0 alone; the other
+    ranks read it once it is complete."""
+    cfg = ctx.cfg
+    vocab_dir = ctx.out / "vocab"
+    tokenizer = None
+    if cfg.student.text_model_dir or ctx.ranks.is_main:
+        texts = None if cfg.student.text_model_dir else ds.texts(ds.caption_ids("train"))
+        tokenizer = make_tokenizer(cfg.student, vocab_dir, texts=texts)
+    barrier(ctx.ranks)
+    return tokenizer if tokenizer is not None else load_vocab_tokenizer(vocab_dir / "vocab.txt")
+
+
+def steps_per_epoch(ctx: RunContext, data: TrainingData) -> int:
+    accum = ctx.cfg.distill.grad_accum
+    return EpochBatches.batches_per_epoch(len(data.train_pairs), ctx.micro_batch, accum) // accum
+
+
+def train_loader(ctx: RunContext, data: TrainingData, student, epoch: int, start_batch: int) -> DataLoader:
+    """This rank's micro-batches of ``epoch`` from ``start_batch`` on, augmented and tokenised for ``student``."""
+    dc = ctx.cfg.distill
+    sampler = EpochBatches(
+        len(data.train_pairs),
+        ctx.micro_batch,
+        seed=dc.seed,
+        epoch=epoch,
+        rank=ctx.ranks.rank,
+        world=ctx.ranks.world,
+        start_batch=start_batch,
+        group=dc.grad_accum,
+    )
+    tokenize = Tokenize(student.tokenizer, ctx.cfg.student.max_text_len)
+    collate = data.method.collate(tokenize, dc.loader_workers)
+    return DataLoader(
+        PairRows(data.ds, data.train_pairs, student.image_transform(train=True)),
+        batch_sampler=sampler,
+        num_workers=dc.loader_workers,
+        collate_fn=collate,
+        pin_memory=ctx.device.type == "cuda",
+        persistent_workers=False,
+        prefetch_factor=4 if dc.loader_workers > 0 else None,
+        # Its own generator: creating the loader must not consume the global RNG a resumed run restores.
+        generator=torch.Generator().manual_seed(dc.seed + epoch),
+    )

@@ -11,6 +11,12 @@ forward + losses + balancer + backward + optimiser step, one synchronisation per
 
 The ratio full / bare says how much of the model's speed the data path and the bookkeeping keep.
 
+Guard: the non-finite guard's cost (stages/distill/guard.py), two ways in the same run. `guard_share` is the
+time spent inside the loop's two checks (teacher rows of the batch, losses + gradient norm before the step;
+the device is synchronised before each so its queued work is not billed to the check) over the loop's time.
+`guard_on_over_off` is the full step rate with the guard against a fresh trainer whose checks, the collate's
+row check included, are switched off. The issue's bar: the full step within 2% of the unguarded one.
+
     python benchmarks/distill_throughput.py                        # CPU: tiny and demo-size students
     python benchmarks/distill_throughput.py --preset demo --threads 1
     python benchmarks/distill_throughput.py --device cuda           # also ViT-B/16 + BERT-base, batch 256, bf16
@@ -35,6 +41,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+import stages.distill.data as distill_data  # noqa: E402
 from pipeline.config import Config, DataConfig, DemoConfig, StudentConfig  # noqa: E402
 from pipeline.data.canonical import CanonicalDataset, prepare_dataset  # noqa: E402
 from stages.demo.shapes import generate_shapes  # noqa: E402
@@ -123,6 +130,40 @@ def full_step_rate(trainer: Trainer, warmup: int) -> tuple[float, int]:
     return trainer.cfg.distill.batch_size * measured / (stamps[-1] - stamps[warmup]), measured
 
 
+def guarded_step_rate(trainer: Trainer, warmup: int) -> tuple[float, float]:
+    """The loop's rate, and the share of its time spent in the guard's two per-step checks."""
+    spent = [0.0]
+    loop = trainer.loop
+
+    def timed(check):
+        def run(*args):
+            _sync(trainer.device)
+            started = time.perf_counter()
+            check(*args)
+            spent[0] += time.perf_counter() - started
+        return run
+
+    loop.check_teacher_rows = timed(loop.check_teacher_rows)
+    loop.check_finite_step = timed(loop.check_finite_step)
+    started = time.perf_counter()
+    rate, _ = full_step_rate(trainer, warmup)
+    return rate, spent[0] / (time.perf_counter() - started)
+
+
+def unguarded_step_rate(cfg: Config, warmup: int) -> float:
+    """The loop's rate with every guard check switched off (loader workers fork, so they see the patch)."""
+    original = distill_data.bad_teacher_rows
+    distill_data.bad_teacher_rows = lambda rows, ids, *a, **k: []
+    try:
+        torch.manual_seed(0)
+        trainer = Trainer(cfg, resume="no")
+        trainer.loop.check_teacher_rows = lambda batch: None
+        trainer.loop.check_finite_step = lambda sums, batches: None
+        return full_step_rate(trainer, warmup)[0]
+    finally:
+        distill_data.bad_teacher_rows = original
+
+
 def bare_step_rate(trainer: Trainer, steps: int, warmup: int) -> float:
     """Pairs/s of forward + losses + balancer + backward + optimiser step on one batch held on the device."""
     batch = next(iter(train_loader(trainer.ctx, trainer.data, trainer.student, 0, 0)))
@@ -170,6 +211,19 @@ def run_preset(name: str, args, root: Path) -> dict:
     trainer = Trainer(cfg, resume="no")
     full, measured = full_step_rate(trainer, args.warmup)
     device = trainer.device
+    # Guard on and off, alternating in fresh output folders, so that drift on a busy machine hits both.
+    on, off, shares = [], [], []
+    for repeat in range(args.guard_repeats):
+        for guarded in (True, False):
+            cfg_g = dataclasses.replace(cfg)
+            cfg_g.distill = dataclasses.replace(cfg.distill, out_dir=str(out_dir / f"guard-{guarded}-{repeat}"))
+            if guarded:
+                torch.manual_seed(0)
+                rate, share = guarded_step_rate(Trainer(cfg_g, resume="no"), args.warmup)
+                on.append(rate)
+                shares.append(share)
+            else:
+                off.append(unguarded_step_rate(cfg_g, args.warmup))
     row = {
         "preset": name,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu x{torch.get_num_threads()}",
@@ -183,9 +237,14 @@ def run_preset(name: str, args, root: Path) -> dict:
         "bare_pairs_per_s": round(bare, 2),
         "full_pairs_per_s": round(full, 2),
         "full_over_bare": round(full / bare, 3),
+        "guard_share": round(float(np.median(shares)), 4) if shares else None,
+        "guard_on_over_off": round(float(np.median(on) / np.median(off)), 3) if on else None,
     }
     print(f"{name:<6} {row['device']:<22} {row['precision']:<5} batch {batch:>4}  {row['student']:<46} "
           f"bare {bare:9.1f} pairs/s   full {full:9.1f} pairs/s   full/bare {full / bare:.1%}", flush=True)
+    if on:
+        print(f"{'':<6} guard: {row['guard_share']:.2%} of the loop's time in its checks; full step guard on / off "
+              f"{row['guard_on_over_off']:.3f} (median of {len(on)} each)", flush=True)
     return row
 
 
@@ -199,6 +258,7 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=None, help="loader workers (default: 2 on CPU, 12 on CUDA)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
     parser.add_argument("--max-text-len", type=int, default=32)
+    parser.add_argument("--guard-repeats", type=int, default=3, help="guard on/off pairs (0: skip the guard part)")
     parser.add_argument("--work", type=Path, help="where the generated data go (kept and reused); default: a temp dir")
     parser.add_argument("--json", type=Path, help="also write the rows here")
     # Overrides of a preset's sizes.

@@ -19,18 +19,19 @@ from torch.utils.flop_counter import FlopCounterMode
 from benchmarks.distill_throughput import CAPTIONS_PER_IMAGE, PRESETS, bare_step_rate, build_world, make_config
 from benchmarks.distill_throughput import full_step_rate as trainer_loop_rate
 from benchmarks.gpu_checks.common import Run
+from stages.distill.inputs import train_loader
 from stages.distill.train import Trainer
 
 
 def _step_flops(trainer: Trainer) -> int:
     """FLOPs of one forward + backward of the bare step (counted by torch's FlopCounterMode on the eager model;
     on the CPU it does not count fused attention, so there the figure is a lower bound)."""
-    batch = next(iter(trainer._loader(0, 0)))
+    batch = next(iter(train_loader(trainer.ctx, trainer.data, trainer.student, 0, 0)))
     trainer.student.train()
     with FlopCounterMode(display=False) as counter:
-        _, total, _ = trainer._forward(batch)
+        _, total, _ = trainer.loop.forward(batch)
         total.backward()
-    trainer.optimizer.zero_grad(set_to_none=True)
+    trainer.parts.optimizer.zero_grad(set_to_none=True)
     return counter.get_total_flops()
 
 
@@ -57,9 +58,10 @@ def student_step(run: Run, compiled: bool = False) -> dict:
     trainer = Trainer(cfg, resume="no")
     flops = _step_flops(trainer)
     if compiled:
-        # Trainer._forward calls self.model: the compiled module shares the student's parameters. A dry run
+        # The step loop calls parts.model: the compiled module shares the student's parameters. A dry run
         # traces with dynamo only (inductor's code generation takes minutes on a small CPU).
-        trainer.model = torch.compile(trainer.student, backend="inductor" if run.cuda else "eager")
+        backend = "inductor" if run.cuda else "eager"
+        trainer.parts.model = trainer.model = torch.compile(trainer.student, backend=backend)
     compile_started = time.perf_counter()
     bare = bare_step_rate(trainer, steps, warmup)
     bare_seconds = time.perf_counter() - compile_started

@@ -164,7 +164,8 @@ def main(argv: list[str] | None = None) -> int:
     meta = device_facts(device)
     meta["started"] = datetime.now(UTC).isoformat(timespec="seconds")
     meta["matmul_n"] = 8192 if device.type == "cuda" else 256
-    meta["matmul_tflops"] = round(matmul_ceiling(device, meta["matmul_n"]), 1)
+    # Three significant figures: a loaded CPU in a dry run does a few GFLOP/s, which one decimal rounds to 0.
+    meta["matmul_tflops"] = float(f"{matmul_ceiling(device, meta['matmul_n']):.3g}")
     report = Report(args.out, dry_run=args.dry_run, budget_s=args.budget, meta=meta, started=STARTED)
     report.write()
     print(f"{meta['device']}, torch {meta['torch']}: matrix product {meta['matmul_tflops']} TFLOP/s", flush=True)

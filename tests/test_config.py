@@ -389,8 +389,14 @@ def test_settings_in_dvc_paths_are_declared_reads():
 
 
 def test_every_declared_setting_exists():
+    cfg = Config()
     for name in STAGES:
-        stage_config(Config(), name)
+        view = stage_config(cfg, name)  # raises on a declared key the schema lacks
+        for key in STAGES[name].keys:
+            through_view, direct = view, cfg
+            for part in key.split("."):
+                through_view, direct = getattr(through_view, part), getattr(direct, part)
+            assert through_view == direct, (name, key)
 
 
 def test_stage_config_gives_only_the_declared_settings():

@@ -1,10 +1,10 @@
 """Giving back a memory-mapped checkpoint's pages once their tensors have been copied out.
 
-`torch.load(path, mmap=True)` maps the whole file privately: a tensor's pages are read in when it is first used
-and then stay counted in the process's resident memory until the mapping goes, which is when the last tensor of
-the file is freed. A loader that copies every tensor into the model (fusing q/k/v, casting to the run's
-precision) would therefore still peak at the file plus the model. `MappedFile.release(tensor)` drops the
-tensor's pages from this process (madvise MADV_DONTNEED) right after the copy, so the peak stays near one copy.
+`torch.load(path, mmap=True, weights_only=True)` maps the whole file privately: a tensor's pages are read in when it
+is first used and then stay counted in the process's resident memory until the mapping goes, which is when the last
+tensor of the file is freed. A loader that copies every tensor into the model (fusing q/k/v, casting to the run's
+precision) would therefore still peak at the file plus the model. `MappedFile.release(tensor)` drops the tensor's
+pages from this process (madvise MADV_DONTNEED) right after the copy, so the peak stays near one copy.
 
 Why this cannot change any tensor: on a private file mapping whose pages were never written, MADV_DONTNEED only
 removes this process's page table entries; a later read faults the same bytes back in from the file. The call is
@@ -58,7 +58,7 @@ def _madvise():
 
 
 class MappedFile:
-    """The mappings of one checkpoint file, read once right after `torch.load(..., mmap=True)`."""
+    """The mappings of one checkpoint file, read once right after `torch.load(..., mmap=True, weights_only=True)`."""
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)

@@ -90,3 +90,20 @@ def test_sigkill_mid_epoch_then_rerun_equals_the_uninterrupted_run(world, tmp_pa
     assert weights.keys() == expected.keys()
     for name, tensor in expected.items():
         assert torch.equal(weights[name], tensor), name
+
+
+def test_checkpoints_leave_the_run_unchanged(world, tmp_path):
+    # Saves can come at any step (distill.checkpoint_minutes follows the clock), so a save must not move
+    # anything a later step depends on: a run saving after every step equals one saving only at epoch ends.
+    runs = {}
+    for every in (0, 1):
+        changes = {"distill": {"epochs": EPOCHS, "checkpoint_every": every, "loader_workers": 1}}
+        Trainer(load(write_params(world, tmp_path / f"every-{every}", changes))).train()
+        runs[every] = tmp_path / f"every-{every}" / "out"
+    logs = [read_csv(runs[every] / "train_log.csv") for every in (0, 1)]
+    for a, b in zip(*logs, strict=True):
+        a.pop("samples_per_s"), b.pop("samples_per_s")
+        assert a == b
+    plain, saving = final_weights(runs[0]), final_weights(runs[1])
+    for name, tensor in plain.items():
+        assert torch.equal(saving[name], tensor), name

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from pipeline.atomic import disk_full_error
 from pipeline.errors import DsmdError
 from store.fsutil import is_disk_full
 
@@ -50,7 +51,7 @@ def write_failed(path: Path, exc: BaseException, kept: str) -> DsmdError:
     """One line for a failed write: a full disk said plainly (torch's own writer reports it only as "file
     write failed"), anything else with its reason."""
     if is_disk_full(exc) or "write failed" in str(exc):
-        return DsmdError(f"no space left on device writing {path}; free space and rerun: {kept}")
+        return disk_full_error(path, kept)
     return DsmdError(f"could not write {path} ({type(exc).__name__}: {exc}); {kept}")
 
 

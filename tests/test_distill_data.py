@@ -2,8 +2,11 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
+import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -63,3 +66,38 @@ def test_batches_are_plain_int_lists():
     (first, *_) = batches(20, 5, seed=0, epoch=0)
     assert all(isinstance(i, int) for i in first)
     assert np.asarray(first).dtype.kind == "i"
+
+
+def test_pin_memory_of_every_batch_type_pins_each_tensor_and_keeps_the_rest():
+    from stages.distill.data import PairBatch, pinned
+    from stages.distill.mcad_data import McadBatch
+    from stages.distill.supervised_data import GroundTruthBatch
+
+    def t(*shape):
+        return torch.randn(*shape)
+
+    tokens = {"input_ids": t(2, 3), "attention_mask": t(2, 3)}
+    batches = [
+        PairBatch(t(2), t(2), t(2, 3, 4, 4), tokens, t(2, 5), t(2, 5), ("bad",)),
+        McadBatch(t(2), t(2), t(2, 3, 4, 4), tokens, {"a": t(2, 5)}, {"a": t(2, 5)}, t(2, 6), ("bad",)),
+        GroundTruthBatch(t(2), t(2), t(2, 3, 4, 4), tokens),
+    ]
+    for batch in batches:
+        seen = []
+
+        def pin(tensor, seen=seen):
+            seen.append(tensor)
+            return tensor.clone()
+
+        out = pinned(batch, pin)
+        assert type(out) is type(batch) and out.bad_rows == batch.bad_rows
+        expected = []
+        for field in dataclasses.fields(batch):
+            value = getattr(batch, field.name)
+            values = list(value.values()) if isinstance(value, dict) else [value]
+            for original, copied in zip(values, (list(getattr(out, field.name).values()) if isinstance(value, dict)
+                                                 else [getattr(out, field.name)]), strict=True):
+                if isinstance(original, torch.Tensor):
+                    expected.append(original)
+                    assert copied is not original and torch.equal(copied, original)
+        assert len(seen) == len(expected) and all(a is b for a, b in zip(seen, expected, strict=True))

@@ -12,7 +12,7 @@ batch size, and a resumed run starts at the batch where the checkpoint stopped.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import numpy as np
 import torch
@@ -22,6 +22,19 @@ from pipeline.data.canonical import CanonicalDataset
 from pipeline.data.images import BadImageError, load_rgb
 from pipeline.errors import DsmdError
 from stages.distill.guard import bad_teacher_rows, describe_rows
+
+
+def pinned(batch, pin: Callable[[torch.Tensor], torch.Tensor] = torch.Tensor.pin_memory):
+    """A copy of a batch dataclass with every tensor, also inside dict fields, passed through ``pin``: the
+    pin_memory of every batch type the loaders yield."""
+    def each(value):
+        if isinstance(value, torch.Tensor):
+            return pin(value)
+        if isinstance(value, dict):
+            return {k: each(v) for k, v in value.items()}
+        return value
+
+    return replace(batch, **{f.name: each(getattr(batch, f.name)) for f in fields(batch)})
 
 
 @dataclass
@@ -37,15 +50,7 @@ class PairBatch:
     def pin_memory(self) -> PairBatch:
         # DataLoader(pin_memory=True) calls this on custom batch types; without it the batch stays pageable
         # and every host-to-GPU copy is synchronous.
-        return PairBatch(
-            self.image_ids.pin_memory(),
-            self.caption_ids.pin_memory(),
-            self.pixels.pin_memory(),
-            {k: v.pin_memory() for k, v in self.tokens.items()},
-            self.teacher_image.pin_memory(),
-            self.teacher_text.pin_memory(),
-            self.bad_rows,
-        )
+        return pinned(self)
 
 
 class PairRows(Dataset):

@@ -18,7 +18,7 @@ import torch
 from pipeline.alignment import alignment_name, load_alignment
 from pipeline.config import McadConfig
 from pipeline.errors import DsmdError
-from stages.distill.data import decoded_items
+from stages.distill.data import decoded_items, pinned
 from stages.distill.guard import bad_teacher_rows, describe_rows
 from stages.distill.mcad import McadRows
 from store import open_store
@@ -60,16 +60,7 @@ class McadBatch:
 
     def pin_memory(self) -> McadBatch:
         # DataLoader(pin_memory=True) calls this on custom batch types (as on PairBatch).
-        return McadBatch(
-            self.image_ids.pin_memory(),
-            self.caption_ids.pin_memory(),
-            self.pixels.pin_memory(),
-            {k: v.pin_memory() for k, v in self.tokens.items()},
-            {k: v.pin_memory() for k, v in self.teacher_image.items()},
-            {k: v.pin_memory() for k, v in self.teacher_text.items()},
-            self.fused.pin_memory(),
-            self.bad_rows,
-        )
+        return pinned(self)
 
 
 def open_mcad_reader(path: str | Path, dataset_fingerprint: str, cfg: McadConfig, in_memory: bool = False):

@@ -15,7 +15,7 @@ import torch
 
 from pipeline.data.canonical import CanonicalDataset
 from pipeline.data.check import load_bad_images
-from stages.distill.data import decoded_items
+from stages.distill.data import decoded_items, pinned
 
 __all__ = ["GroundTruthBatch", "GroundTruthCollate", "pair_validity"]
 
@@ -30,12 +30,7 @@ class GroundTruthBatch:
 
     def pin_memory(self) -> GroundTruthBatch:
         # DataLoader(pin_memory=True) calls this on custom batch types (as on PairBatch).
-        return GroundTruthBatch(
-            self.image_ids.pin_memory(),
-            self.caption_ids.pin_memory(),
-            self.pixels.pin_memory(),
-            {k: v.pin_memory() for k, v in self.tokens.items()},
-        )
+        return pinned(self)
 
 
 class GroundTruthCollate:

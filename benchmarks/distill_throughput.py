@@ -51,12 +51,15 @@ from store import FeatureStore  # noqa: E402
 
 # Student sizes, batch, teacher width and the size the images are rendered at (the loader resizes them).
 PRESETS = {
-    "tiny": dict(vision_model="test_vit", img_size=32, patch_size=8, text_hidden=32, text_layers=1, text_heads=2,
+    "tiny": dict(vision_model="test_vit", vision_width=0, vision_depth=0, vision_heads=0, img_size=32,
+                 patch_size=8, text_hidden=32, text_layers=1, text_heads=2,
                  batch=32, dim=64, image_size=32, precision="fp32"),
     # StudentConfig's defaults: the demo's student.
-    "demo": dict(vision_model="vit_tiny_patch16_224", img_size=64, patch_size=8, text_hidden=192, text_layers=4,
-                 text_heads=3, batch=64, dim=128, image_size=64, precision="fp32"),
-    "vitb": dict(vision_model="vit_base_patch16_224", img_size=224, patch_size=16, text_hidden=768, text_layers=12,
+    "demo": dict(vision_model="vit_tiny_patch16_224", vision_width=96, vision_depth=4, vision_heads=3, img_size=64,
+                 patch_size=16, text_hidden=96, text_layers=2, text_heads=3, batch=64, dim=256, image_size=64,
+                 precision="fp32"),
+    "vitb": dict(vision_model="vit_base_patch16_224", vision_width=0, vision_depth=0, vision_heads=0, img_size=224,
+                 patch_size=16, text_hidden=768, text_layers=12,
                  text_heads=12, batch=256, dim=768, image_size=256, precision="bf16"),
 }
 TEACHER = "bench"
@@ -94,7 +97,9 @@ def make_config(args, sizes: dict, canonical: Path, store_path: Path, out_dir: P
     cfg = Config()
     cfg.data = dataclasses.replace(cfg.data, canonical_dir=str(canonical))
     cfg.extract = dataclasses.replace(cfg.extract, store=str(store_path))
-    cfg.student = StudentConfig(vision_model=sizes["vision_model"], img_size=sizes["img_size"],
+    cfg.student = StudentConfig(vision_model=sizes["vision_model"], vision_width=sizes["vision_width"],
+                                vision_depth=sizes["vision_depth"], vision_heads=sizes["vision_heads"],
+                                img_size=sizes["img_size"],
                                 patch_size=sizes["patch_size"], text_hidden=sizes["text_hidden"],
                                 text_layers=sizes["text_layers"], text_heads=sizes["text_heads"],
                                 max_text_len=args.max_text_len)

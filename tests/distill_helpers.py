@@ -51,7 +51,8 @@ class World:
             "extract": {"store": str(self.store), "rows_per_shard": 64, "rows_per_chunk": 32, "loader_workers": 0,
                         "device": "cpu", "image_batch_size": 32, "text_batch_size": 64},
             # timm's test_vit and a one-layer BERT: a few milliseconds per step on a CPU.
-            "student": {"vision_model": "test_vit", "img_size": 32, "patch_size": 8, "text_hidden": 32,
+            "student": {"vision_model": "test_vit", "vision_width": 0, "vision_depth": 0, "vision_heads": 0,
+                        "img_size": 32, "patch_size": 8, "text_hidden": 32,
                         "text_layers": 1, "text_heads": 2, "max_text_len": 24},
             "distill": {"teacher": "beit3", "epochs": 2, "batch_size": 20, "loader_workers": 0, "device": "cpu",
                         "precision": "fp32", "checkpoint_every": 0, "lr": 1e-3, "lr_step_epochs": [100],

@@ -28,7 +28,8 @@ N_IMAGES = 12
 
 def tiny_cfg() -> StudentConfig:
     return StudentConfig(
-        vision_model="test_vit", img_size=32, patch_size=8, text_hidden=32, text_layers=1, text_heads=2, max_text_len=16
+        vision_model="test_vit", vision_width=0, vision_depth=0, vision_heads=0,
+        img_size=32, patch_size=8, text_hidden=32, text_layers=1, text_heads=2, max_text_len=16
     )
 
 

@@ -167,3 +167,44 @@ def test_impossible_requests_fail_clearly(tmp_path):
     with pytest.raises(DsmdError, match="n_test"):
         shapes._split_scenes(np.random.default_rng(0), shapes.description_space() // 2 + 1, True, "test")
     assert shapes.description_space() == 400 + 160 + 3120 + 9880
+
+
+def _pixels(path) -> bytes:
+    return np.asarray(load_rgb(path)).tobytes()
+
+
+def test_pretrain_corpus_is_repeatable_and_shares_no_image_with_the_splits(tmp_path, generated):
+    path, document = generated
+    settings = {"pretrain_dir": str(tmp_path / "pretrain"), "n_pretrain": 150}
+    corpus_path = shapes.generate_pretrain_corpus(small_config(path.parent, **settings))
+    corpus = json.loads(corpus_path.read_text())
+    assert corpus_path.name == shapes.PRETRAIN_FILE and len(corpus["images"]) == 150
+    assert {e["split"] for e in corpus["images"]} == {"train"}
+    assert [e["filename"] for e in corpus["images"]] == [f"p{i:06d}.png" for i in range(150)]
+    # The split dataset is untouched by the corpus, and the corpus is the same bytes on a rerun.
+    assert path.read_bytes() == shapes.generate_shapes(small_config(tmp_path / "again")).read_bytes()
+    again = shapes.generate_pretrain_corpus(small_config(path.parent, pretrain_dir=str(tmp_path / "p2"),
+                                                         n_pretrain=150))
+    assert again.read_bytes() == corpus_path.read_bytes()
+
+    # Compared by decoded pixels, so a re-encoding could not hide a shared picture.
+    split_pixels = {_pixels(path.parent / "images" / e["filename"]) for e in document["images"]}
+    corpus_pixels = [_pixels(corpus_path.parent / "images" / e["filename"]) for e in corpus["images"]]
+    assert len(split_pixels) == len(document["images"])
+    assert not split_pixels & set(corpus_pixels)
+    assert len(set(corpus_pixels)) == 150
+    # The corpus is the same world: its scenes are of the same kinds, and a description may recur.
+    assert {e["scene"]["kind"] for e in corpus["images"]} == set(shapes.KINDS)
+
+
+def test_pretrain_corpus_prepares_cleanly_and_a_smaller_one_replaces_it(tmp_path):
+    corpus_path = shapes.generate_pretrain_corpus(small_config(tmp_path, pretrain_dir=str(tmp_path / "p"),
+                                                               n_pretrain=8))
+    ds = prepare_dataset(data_config(tmp_path / "c", corpus_path, root=corpus_path.parent / "images"))
+    assert (ds.num_images, ds.num_captions, len(ds.image_ids("train"))) == (8, 40, 8)
+    # A smaller corpus afterwards leaves no stale picture behind.
+    shapes.generate_pretrain_corpus(small_config(tmp_path, pretrain_dir=str(tmp_path / "p"), n_pretrain=3))
+    assert len(list((tmp_path / "p" / "images").glob("*.png"))) == 3
+    empty = shapes.generate_pretrain_corpus(small_config(tmp_path, pretrain_dir=str(tmp_path / "p"), n_pretrain=0))
+    assert json.loads(empty.read_text())["images"] == []
+    assert not list((tmp_path / "p" / "images").glob("*.png"))

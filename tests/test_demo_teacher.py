@@ -39,8 +39,9 @@ def tiny_overrides(canonical: Path, out: Path) -> list[str]:
         f"demo_teacher.out_dir={out}", "demo_teacher.embed_dim=32", "demo_teacher.layers=1",
         "demo_teacher.heads=2", "demo_teacher.ffn_dim=48", "demo_teacher.vocab_size=60", "demo_teacher.epochs=2",
         "demo_teacher.batch_size=16", "demo_teacher.patch_size=8",
-        # No second teacher unless a test asks for one (the demo's defaults name one).
-        "extra_teachers=[]", "demo_teacher.second.name=",
+        # No second teacher unless a test asks for one (the demo's defaults name one); no pretraining corpus
+        # unless a test makes one (the fit then uses the train split).
+        "extra_teachers=[]", "demo_teacher.second.name=", "demo.n_pretrain=0",
     ]
 
 
@@ -54,7 +55,8 @@ def test_fit_writes_official_files_and_is_repeatable(tmp_path, canonical):
         states.append(read_checkpoint(tmp_path / run / "t.pth"))
         assert steps == list(range(1, results[-1].steps + 1))
     first = results[0]
-    assert first.train_images == 48 and first.train_captions == 96 and first.steps == 2 * 6
+    # An epoch is every image once (with one of its captions): 48 images in batches of 16.
+    assert first.train_images == 48 and first.train_captions == 96 and first.steps == 2 * 3
     assert (tmp_path / "a" / "t.spm").read_bytes() == (tmp_path / "b" / "t.spm").read_bytes()
     assert set(states[0]) == set(states[1])
     for key in states[0]:
@@ -105,10 +107,39 @@ def test_cli_demo_teacher_reports_recall_and_chance(tmp_path, canonical):
     report = json.loads((tmp_path / "demo_teacher_fit.json").read_text())
     assert report["split"] == "test" and set(report["recall"]) == set(report["chance"])
     assert report["chance"]["t2i_r1"] == pytest.approx(100 / 12)
-    assert report["fit"]["steps"] == 12
+    assert report["fit"]["steps"] == 6
     result = CliRunner().invoke(app, [*args, "teacher", "info"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["checkpoint_sha256"]
+
+
+def test_cli_fits_on_the_pretraining_corpus_and_scores_on_the_test_split(tmp_path, canonical):
+    from stages.demo.cli import register as register_demo
+    from stages.demo.shapes import generate_pretrain_corpus
+
+    corpus = tmp_path / "pretrain"
+    generate_pretrain_corpus(DemoConfig(pretrain_dir=str(corpus), n_pretrain=40, image_size=32, captions_per_image=2))
+    app = typer.Typer()
+
+    @app.callback()
+    def root(ctx: typer.Context, overrides: list[str] = typer.Option([], "--set")) -> None:
+        ctx.obj = {"params": tmp_path / "params.yaml", "overrides": list(overrides)}
+
+    (tmp_path / "params.yaml").write_text("{}\n")
+    register_demo(app)
+    overrides = [*tiny_overrides(canonical, tmp_path), f"demo.pretrain_dir={corpus}", "demo.n_pretrain=40"]
+    result = CliRunner().invoke(app, [*(a for o in overrides for a in ("--set", o)), "demo", "teacher"])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "demo_teacher_fit.json").read_text())
+    # Fitted on the corpus's 40 images (80 captions, 3 batches of 16 a epoch), scored on the split's 12.
+    assert (report["fit"]["train_images"], report["fit"]["train_captions"], report["fit"]["steps"]) == (40, 80, 6)
+    assert report["chance"]["t2i_r1"] == pytest.approx(100 / 12)
+    # The corpus is prepared (and checked) as a canonical dataset beside the teacher's files.
+    assert (tmp_path / "pretrain_canonical" / "dataset.json").is_file()
+
+    missing = [*tiny_overrides(canonical, tmp_path), f"demo.pretrain_dir={tmp_path / 'nowhere'}", "demo.n_pretrain=40"]
+    result = CliRunner().invoke(app, [*(a for o in missing for a in ("--set", o)), "demo", "teacher"])
+    assert result.exit_code != 0 and "run `dsmd demo data`" in str(result.exception) + result.output
 
 
 def _second_overrides(out: Path, name: str = "small") -> list[str]:
@@ -166,7 +197,7 @@ def test_fit_skips_the_images_data_check_recorded_and_any_that_do_not_decode(tmp
     result = fit_demo_teacher(cfg, CanonicalDataset.load(tmp_path / "canonical"))
     undecodable = "not an image file (unknown or corrupt format)"
     assert result.skipped_images == {recorded: check_reason, unrecorded: undecodable}
-    assert result.train_images == 14 and result.train_captions == 28 and result.steps == 2
+    assert result.train_images == 14 and result.train_captions == 28 and result.steps == 1
     assert json.loads(json.dumps(result.to_dict()))["skipped_images"] == {
         str(recorded): check_reason, str(unrecorded): undecodable}
 

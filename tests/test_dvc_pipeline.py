@@ -19,12 +19,13 @@ from paths import REPO
 
 BIN = Path(sys.executable).parent
 TINY = {
-    "demo": {"n_train": 100, "n_val": 20, "n_test": 20, "image_size": 32},
+    "demo": {"n_train": 100, "n_val": 20, "n_test": 20, "image_size": 32, "n_pretrain": 120},
     "demo_teacher": {"embed_dim": 32, "layers": 1, "heads": 2, "ffn_dim": 64, "vocab_size": 120, "epochs": 1,
                      "batch_size": 40, "second": {"embed_dim": 32, "layers": 1, "heads": 2, "ffn_dim": 64}},
     "teacher": {"img_size": 32, "max_text_len": 24},
     "extract": {"rows_per_shard": 16, "rows_per_chunk": 16, "loader_workers": 0, "device": "cpu"},
-    "student": {"vision_model": "test_vit", "img_size": 32, "patch_size": 8, "text_hidden": 32, "text_layers": 1,
+    "student": {"vision_model": "test_vit", "vision_width": 0, "vision_depth": 0, "vision_heads": 0,
+                "img_size": 32, "patch_size": 8, "text_hidden": 32, "text_layers": 1,
                 "text_heads": 2, "max_text_len": 24},
     "distill": {"epochs": 1, "batch_size": 20, "loader_workers": 0, "device": "cpu", "checkpoint_every": 0,
                 "losses": {"queue_size": 64}},
@@ -194,6 +195,11 @@ def test_ablation_and_mcad_experiments_land_in_the_report(project):
     text = " ".join((mcad.stdout + mcad.stderr).split())
     assert "beit3/pair -> beit3: fitted" in text and "beit3/pair -> beit3_small: fitted" in text, text
 
+    # The no-teacher baseline through the same pipeline: the teachers are DVC outputs upstream, never refitted.
+    supervised = exp_run(path, "-S", "distill.method=supervised", "-n", "supervised")
+    assert "demo_teacher" not in ran_stages(supervised) and {"distill", "evaluate"} <= ran_stages(supervised)
+    assert yaml.safe_load((path / "params.yaml").read_text())["distill"]["method"] == "supervised"
+
     run([str(BIN / "dsmd"), "experiments", "--out", "runs/experiments"], path)
     table = (path / "runs/experiments/experiments.csv").read_text().splitlines()
     header = table[0].split(",")
@@ -208,5 +214,9 @@ def test_ablation_and_mcad_experiments_land_in_the_report(project):
     report = (path / "runs/evaluate/report.md").read_text()
     assert "## Ablations and other experiments" in report
     assert "| no-cd | False | dsmd |" in report and "| mcad | True | mcad |" in report
+    # The gain section takes the baseline commit (dsmd), mcad and supervised, not the no-cd ablation.
+    gain = report[report.index("## Distillation gain"):report.index("## Ablations")]
+    assert "| baseline student (no teacher) |" in gain and "| MCAD student |" in gain and "| DSMD student |" in gain
+    assert "single seed each" in gain
     metrics = yaml.safe_load((path / "runs/evaluate/metrics.json").read_text())
     assert metrics["teachers"]["beit3_small"]["rsum"] > 0  # the second teacher, scored next to the first

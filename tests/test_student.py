@@ -38,7 +38,8 @@ DIM = 16
 def tiny_cfg(**changes) -> StudentConfig:
     # timm's test_vit (a 264k-parameter ViT) keeps the tests fast; the default ViT-Tiny is built once below.
     cfg = StudentConfig(
-        vision_model="test_vit", img_size=32, patch_size=8, text_hidden=32, text_layers=1, text_heads=2, max_text_len=16
+        vision_model="test_vit", vision_width=0, vision_depth=0, vision_heads=0,
+        img_size=32, patch_size=8, text_hidden=32, text_layers=1, text_heads=2, max_text_len=16
     )
     return dataclasses.replace(cfg, **changes)
 

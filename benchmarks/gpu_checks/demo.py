@@ -55,7 +55,8 @@ def demo_config(run: Run) -> Config:
                                          vocab_size=64, epochs=1, batch_size=64)
     cfg.extract = ExtractConfig(store=str(root / "features.h5"), backend="hdf5", device="cpu", loader_workers=0,
                                 image_batch_size=32, text_batch_size=64)
-    cfg.student = StudentConfig(vision_model="test_vit", img_size=32, patch_size=8, text_hidden=32, text_layers=1,
+    cfg.student = StudentConfig(vision_model="test_vit", vision_width=0, vision_depth=0, vision_heads=0,
+                                img_size=32, patch_size=8, text_hidden=32, text_layers=1,
                                 text_heads=2, max_text_len=24)
     cfg.distill = DistillConfig(out_dir=str(root / "distill"), epochs=1, batch_size=32, device="cpu",
                                 loader_workers=0, checkpoint_every=0, lr_step_epochs=[100], val_batch_size=64)

@@ -52,7 +52,8 @@ STAGES: dict[str, StageSettings] = {
             "evaluate.ks",
         ),
         # teacher.checkpoint / size / tokenizer say where the fitted files go; kind and name are checked.
-        reads=("data.canonical_dir", "teacher"),
+        # demo.pretrain_dir is a DVC dep (demo_data's output); n_pretrain = 0 fits on the train split instead.
+        reads=("data.canonical_dir", "teacher", "demo.pretrain_dir", "demo.n_pretrain"),
     ),
     "extract": StageSettings(
         params=(

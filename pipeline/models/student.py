@@ -145,12 +145,20 @@ def _create_vit(cfg: StudentConfig) -> nn.Module:
         raise ConfigError(
             f"student.img_size ({cfg.img_size}) must be a multiple of student.patch_size ({cfg.patch_size})"
         )
+    # Only the sizes that are set override the named model's; timm checks that width divides into the heads.
+    sizes = {key: value for key, value in (("embed_dim", cfg.vision_width), ("depth", cfg.vision_depth),
+                                          ("num_heads", cfg.vision_heads)) if value}
     try:
         return timm.create_model(
-            cfg.vision_model, pretrained=False, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0
+            cfg.vision_model, pretrained=False, img_size=cfg.img_size, patch_size=cfg.patch_size, num_classes=0,
+            **sizes,
         )
-    except (RuntimeError, TypeError, ValueError) as exc:
-        raise ConfigError(f"student.vision_model: cannot build timm model {cfg.vision_model!r}: {exc}") from None
+    except (AssertionError, RuntimeError, TypeError, ValueError) as exc:
+        # timm asserts that the width divides into the heads.
+        raise ConfigError(
+            f"student.vision_model: cannot build timm model {cfg.vision_model!r} with {sizes or 'its own sizes'}: "
+            f"{exc} (check student.vision_width / vision_depth / vision_heads)"
+        ) from None
 
 
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:

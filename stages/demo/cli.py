@@ -21,15 +21,17 @@ FIT_REPORT = "demo_teacher_fit.json"
 @demo_app.command("data")
 def data(ctx: typer.Context) -> None:
     """Generate the shapes-world demo dataset (settings: demo.*)."""
-    from stages.demo.shapes import generate_shapes
+    from stages.demo.shapes import generate_pretrain_corpus, generate_shapes
 
     cfg = stage_config(get_config(ctx), "demo_data").demo
     started = time.perf_counter()
     path = generate_shapes(cfg)
+    corpus = generate_pretrain_corpus(cfg)
     total = cfg.n_train + cfg.n_val + cfg.n_test
     console.print(
         f"shapes world: {total:,} images ({cfg.n_train:,} train / {cfg.n_val:,} val / {cfg.n_test:,} test), "
-        f"{cfg.captions_per_image} captions each, in {time.perf_counter() - started:.1f} s -> {path}",
+        f"{cfg.captions_per_image} captions each -> {path}; the teacher's pretraining corpus: {cfg.n_pretrain:,} "
+        f"other images -> {corpus}; {time.perf_counter() - started:.1f} s",
         highlight=False,
         markup=False,
     )
@@ -37,8 +39,9 @@ def data(ctx: typer.Context) -> None:
 
 @demo_app.command("teacher")
 def teacher(ctx: typer.Context) -> None:
-    """Fit the small demo BEiT-3 on the canonical dataset's train split (settings: demo_teacher.*, teacher.*),
-    and the second one of demo_teacher.second when it is named (written where its extra_teachers entry points).
+    """Fit the small demo BEiT-3 on the pretraining corpus of `dsmd demo data` (demo.pretrain_dir; with
+    demo.n_pretrain = 0 on the canonical dataset's train split instead), settings demo_teacher.*, teacher.*, and
+    the second one of demo_teacher.second when it is named (written where its extra_teachers entry points).
 
     Writes the checkpoint, JSON config and .spm where teacher.checkpoint / teacher.size / teacher.tokenizer
     point, and demo_teacher.out_dir/demo_teacher_fit[_<name>].json with the test-split recall and chance level.
@@ -54,13 +57,31 @@ def teacher(ctx: typer.Context) -> None:
                         "`dsmd data prepare` first")
     second = second_teacher_config(full)  # checked before the first fit, not after it
     dataset = CanonicalDataset.load(cfg.data.canonical_dir)
-    _fit_and_report(cfg, dataset, FIT_REPORT)
+    corpus = _pretrain_corpus(cfg) if cfg.demo.n_pretrain else dataset
+    _fit_and_report(cfg, corpus, dataset, FIT_REPORT)
     if second is not None:
         report = FIT_REPORT.replace(".json", f"_{second.teacher.name}.json")
-        _fit_and_report(stage_config(second, "demo_teacher"), dataset, report)
+        _fit_and_report(stage_config(second, "demo_teacher"), corpus, dataset, report)
 
 
-def _fit_and_report(cfg, dataset, report_name: str) -> None:
+def _pretrain_corpus(cfg):
+    """The corpus as a canonical dataset (prepared under demo_teacher.out_dir, checked like any dataset)."""
+    from pipeline.config import DataConfig
+    from pipeline.data.canonical import prepare_dataset
+    from stages.demo.shapes import PRETRAIN_FILE
+
+    root = Path(cfg.demo.pretrain_dir)
+    source = root / PRETRAIN_FILE
+    if not source.is_file():
+        raise DsmdError(f"{source}: the demo teacher's pretraining corpus is missing; run `dsmd demo data` (or set "
+                        "demo.n_pretrain=0 to fit the teacher on the train split)")
+    data = DataConfig(source=str(source), images_root=str(root / "images"), name="shapes-pretrain",
+                      canonical_dir=str(Path(cfg.demo_teacher.out_dir) / "pretrain_canonical"))
+    return prepare_dataset(data)
+
+
+def _fit_and_report(cfg, corpus, dataset, report_name: str) -> None:
+    """Fit on ``corpus``'s train split, score on ``dataset``'s evaluate.split."""
     from rich.table import Table
 
     from pipeline.models.teachers import load_teacher
@@ -74,14 +95,14 @@ def _fit_and_report(cfg, dataset, report_name: str) -> None:
         def on_step(step: int, total: int, loss: float) -> None:
             progress.update(task, completed=step, total=total, rate=f"loss {loss:.3f}")
 
-        result = fit_demo_teacher(cfg, dataset, on_step=on_step)
+        result = fit_demo_teacher(cfg, corpus, on_step=on_step)
     console.print(
         f"demo teacher {name}: {result.steps} steps over {result.train_captions:,} captions of "
         f"{result.train_images:,} images in {result.seconds:.0f} s; tokenizer {result.vocab_pieces} pieces -> "
         f"{result.checkpoint}",
         highlight=False,
     )
-    _print_skipped(result.skipped_images, "train")
+    _print_skipped(result.skipped_images, "pretraining" if corpus is not dataset else "train")
 
     teacher = load_teacher(cfg.teacher, device="cpu", precision="fp32")
     split = cfg.evaluate.split

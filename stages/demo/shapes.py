@@ -29,7 +29,8 @@ from PIL import Image, ImageDraw
 
 from pipeline.errors import DsmdError
 
-__all__ = ["generate_shapes", "sample_scene", "render_scene", "scene_captions", "Scene", "ShapeObject"]
+__all__ = ["generate_shapes", "generate_pretrain_corpus", "PRETRAIN_FILE", "sample_scene", "render_scene",
+           "scene_captions", "Scene", "ShapeObject"]
 
 SHAPES = ("circle", "square", "triangle", "diamond", "cross")
 SHAPE_WORDS = {
@@ -73,6 +74,9 @@ COUNT_WORDS = {2: ("two", "2"), 3: ("three", "3")}
 KINDS = ("single", "count", "relation", "triple")
 KIND_WEIGHTS = (0.2, 0.15, 0.35, 0.3)
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
+# The random stream of the teacher's pretraining corpus, apart from every split's.
+PRETRAIN_CODE = 3
+PRETRAIN_FILE = "dataset_pretrain.json"
 # Shapes are drawn on a canvas this much larger and reduced, for antialiased edges; large images need less.
 MAX_SUPERSAMPLE = 4
 MARGIN = 0.02
@@ -436,59 +440,97 @@ def _tokens(text: str) -> list[str]:
     return re.findall(r"[a-z0-9]+", text.lower())
 
 
-def generate_shapes(cfg: Any) -> Path:
-    """Write ``images/*.png`` and ``dataset_shapes.json`` (Karpathy format) into ``cfg.out_dir``
-    (a `DemoConfig`); returns the JSON path."""
-    for name in ("n_train", "n_val", "n_test"):
+def _write_split(cfg: Any, split: str, code: int, n: int, distinct: bool, image_dir: Path, name_of,
+                 entries: list[dict], sentence_id: int) -> tuple[set[str], int]:
+    """Render one split's n scenes into image_dir and append their Karpathy entries; returns the file names
+    written and the next sentence id."""
+    written: set[str] = set()
+    scenes = _split_scenes(np.random.default_rng([cfg.seed, code]), n, distinct, split)
+    for index, scene in enumerate(scenes):
+        # One generator per image for drawing and wording: an image does not depend on how many
+        # random numbers the images before it used.
+        rng = np.random.default_rng([cfg.seed, code, index, 1])
+        image_id = len(entries)
+        filename = name_of(image_id)
+        render_scene(scene, cfg.image_size, rng).save(image_dir / filename, format="PNG", compress_level=6)
+        written.add(filename)
+        sentences = []
+        for text in scene_captions(scene, cfg.captions_per_image, rng):
+            sentences.append({"raw": text, "tokens": _tokens(text), "imgid": image_id, "sentid": sentence_id})
+            sentence_id += 1
+        entries.append(
+            {
+                "filename": filename,
+                "imgid": image_id,
+                "split": split,
+                "sentids": [s["sentid"] for s in sentences],
+                "sentences": sentences,
+                "scene": scene.to_dict(),
+            }
+        )
+    return written, sentence_id
+
+
+def _check_settings(cfg: Any, counts: tuple[str, ...]) -> None:
+    for name in counts:
         if getattr(cfg, name) < 0:
             raise DsmdError(f"demo.{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.image_size < 16:
         raise DsmdError(f"demo.image_size must be at least 16 pixels, got {cfg.image_size}")
     if cfg.captions_per_image < 1:
         raise DsmdError(f"demo.captions_per_image must be at least 1, got {cfg.captions_per_image}")
-    out_dir = Path(cfg.out_dir)
-    image_dir = out_dir / "images"
-    image_dir.mkdir(parents=True, exist_ok=True)
 
-    entries: list[dict] = []
-    written: set[str] = set()
-    sentence_id = 0
-    for split, n in (("train", cfg.n_train), ("val", cfg.n_val), ("test", cfg.n_test)):
-        code = SPLIT_CODES[split]
-        scenes = _split_scenes(np.random.default_rng([cfg.seed, code]), n, split != "train", split)
-        for index, scene in enumerate(scenes):
-            # One generator per image for drawing and wording: an image does not depend on how many
-            # random numbers the images before it used.
-            rng = np.random.default_rng([cfg.seed, code, index, 1])
-            image_id = len(entries)
-            filename = f"{image_id:06d}.png"
-            render_scene(scene, cfg.image_size, rng).save(image_dir / filename, format="PNG", compress_level=6)
-            written.add(filename)
-            sentences = []
-            for text in scene_captions(scene, cfg.captions_per_image, rng):
-                sentences.append({"raw": text, "tokens": _tokens(text), "imgid": image_id, "sentid": sentence_id})
-                sentence_id += 1
-            entries.append(
-                {
-                    "filename": filename,
-                    "imgid": image_id,
-                    "split": split,
-                    "sentids": [s["sentid"] for s in sentences],
-                    "sentences": sentences,
-                    "scene": scene.to_dict(),
-                }
-            )
+
+def _write_document(cfg: Any, entries: list[dict], json_path: Path, image_dir: Path, written: set[str],
+                    pattern: str, name: str) -> Path:
     # Images of an earlier, larger run would otherwise linger next to the new ones.
     for stale in image_dir.glob("*.png"):
-        if re.fullmatch(r"\d{6}\.png", stale.name) and stale.name not in written:
+        if re.fullmatch(pattern, stale.name) and stale.name not in written:
             stale.unlink()
     document = {
-        "dataset": "shapes",
+        "dataset": name,
         "generator": {"seed": cfg.seed, "image_size": cfg.image_size, "captions_per_image": cfg.captions_per_image},
         "images": entries,
     }
-    json_path = out_dir / "dataset_shapes.json"
     temporary = json_path.with_name(f".{json_path.name}.tmp")
     temporary.write_text(json.dumps(document, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(temporary, json_path)
     return json_path
+
+
+def generate_shapes(cfg: Any) -> Path:
+    """Write ``images/*.png`` and ``dataset_shapes.json`` (Karpathy format) into ``cfg.out_dir``
+    (a `DemoConfig`); returns the JSON path."""
+    _check_settings(cfg, ("n_train", "n_val", "n_test"))
+    out_dir = Path(cfg.out_dir)
+    image_dir = out_dir / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    entries: list[dict] = []
+    written: set[str] = set()
+    sentence_id = 0
+    for split, n in (("train", cfg.n_train), ("val", cfg.n_val), ("test", cfg.n_test)):
+        names, sentence_id = _write_split(cfg, split, SPLIT_CODES[split], n, split != "train", image_dir,
+                                          lambda image_id: f"{image_id:06d}.png", entries, sentence_id)
+        written |= names
+    return _write_document(cfg, entries, out_dir / "dataset_shapes.json", image_dir, written, r"\d{6}\.png",
+                           "shapes")
+
+
+def generate_pretrain_corpus(cfg: Any) -> Path:
+    """The demo teacher's pretraining corpus: ``cfg.n_pretrain`` further scenes of the same world, written as a
+    Karpathy dataset (``dataset_pretrain.json``, every image in split "train", ``images/p*.png``) into
+    ``cfg.pretrain_dir``; returns the JSON path.
+
+    Its scenes come from their own random stream (PRETRAIN_CODE), so no picture is one of the train, val or
+    test split's; descriptions may recur, as "a dog on the grass" recurs between BEiT-3's pretraining data and
+    Flickr30k, but every render differs (tests compare the pixels).
+    """
+    _check_settings(cfg, ("n_pretrain",))
+    out_dir = Path(cfg.pretrain_dir)
+    image_dir = out_dir / "images"
+    image_dir.mkdir(parents=True, exist_ok=True)
+    entries: list[dict] = []
+    written, _ = _write_split(cfg, "train", PRETRAIN_CODE, cfg.n_pretrain, False, image_dir,
+                              lambda image_id: f"p{image_id:06d}.png", entries, 0)
+    return _write_document(cfg, entries, out_dir / PRETRAIN_FILE, image_dir, written, r"p\d{6}\.png",
+                           "shapes-pretrain")

@@ -210,7 +210,8 @@ def fit_demo_teacher(
     *,
     on_step: Callable[[int, int, float], None] | None = None,
 ) -> DemoFitResult:
-    """Train the demo BEiT-3 on `dataset`'s train split and write it where cfg.teacher points.
+    """Train the demo BEiT-3 on `dataset`'s train split (the pretraining corpus in the demo) and write it where
+    cfg.teacher points.
 
     `on_step(step, total_steps, loss)` is called after every optimiser step (progress display).
     """
@@ -239,30 +240,32 @@ def fit_demo_teacher(
     model.train()
     optimizer = torch.optim.AdamW(_parameter_groups(model, 0.05), lr=demo.lr, betas=(0.9, 0.98))
 
-    # An epoch is every training caption once, each with its image; captions of one image that meet in a
-    # batch are not each other's negatives.
+    # An epoch is every image once, each with one of its captions drawn afresh: a corpus of many images is
+    # covered in a few epochs, every caption is seen over them, and no batch holds an image twice (so no
+    # caption's positive is another's negative).
+    n_images = len(captions_of)
+    counts = torch.tensor([len(c) for c in captions_of])
+    offsets = torch.cumsum(counts, 0) - counts
     caption_rows = torch.from_numpy(np.concatenate(captions_of))
-    image_rows = torch.from_numpy(np.concatenate([np.full(len(c), i) for i, c in enumerate(captions_of)]))
     n = len(caption_rows)
-    steps_per_epoch = math.ceil(n / demo.batch_size)
+    steps_per_epoch = math.ceil(n_images / demo.batch_size)
     total = demo.epochs * steps_per_epoch
     step = 0
     epoch_losses = []
     for _ in range(demo.epochs):
-        order = torch.randperm(n, generator=gen)
+        order = torch.randperm(n_images, generator=gen)
+        pick = (torch.rand(n_images, generator=gen) * counts).long()
         running = 0.0
-        for start in range(0, n, demo.batch_size):
-            batch = order[start : start + demo.batch_size]
-            images, chosen = image_rows[batch], caption_rows[batch]
+        for start in range(0, n_images, demo.batch_size):
+            images = order[start : start + demo.batch_size]
+            chosen = caption_rows[offsets[images] + pick[images]]
             ids, pad = text_ids[chosen], padding[chosen]
             length = int((pad == 0).sum(1).max())
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, total, demo.lr)
             image_emb, text_emb, scale = model(pixels[images], ids[:, :length], pad[:, :length])
             logits = scale.clamp(max=100.0) * image_emb @ text_emb.T
-            same_image = (images[:, None] == images[None, :]) & ~torch.eye(len(batch), dtype=torch.bool)
-            logits = logits.masked_fill(same_image, float("-inf"))
-            target = torch.arange(len(batch))
+            target = torch.arange(len(images))
             loss = 0.5 * (F.cross_entropy(logits, target) + F.cross_entropy(logits.T, target))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -20,8 +20,10 @@ from pathlib import Path
 
 from pipeline.dvc_metrics import from_exp_row
 from pipeline.errors import DsmdError
+from stages.evaluate.gain import GAIN_METRICS, gain_section
 
 METRICS = ["student.i2t_r1", "student.t2i_r1", "student.rsum", "teacher.rsum", "run.rsum_ratio"]
+ALWAYS = ("distill.method", "distill.seed")
 PARAM_PREFIXES = ("distill.", "student.", "teacher.", "demo.")
 
 
@@ -46,8 +48,11 @@ def collect(repo: str = ".", metrics_dir: str = "runs/evaluate/metrics") -> tupl
     table = []
     for row, metrics in rows:
         name = row.get("Experiment") or row.get("rev") or "?"
+        # Method and seed always, so the distillation gain can group the runs even where all share one value.
         table.append({"experiment": name, "rev": row.get("rev"), "created": row.get("Created"),
-                      **{k: row.get(k) for k in varying}, **{m: metrics.get(m) for m in METRICS}})
+                      **{k: row.get(k) for k in ALWAYS}, **{k: row.get(k) for k in varying},
+                      **{m: metrics.get(m) for m in METRICS},
+                      **{m: metrics.get(m) for m in GAIN_METRICS if m not in METRICS}})
     return varying, _without_unchanged_workspace(varying, table)
 
 
@@ -111,13 +116,14 @@ def report_section(document: dict | None, source: str) -> tuple[list[str], list[
                 f"Experiments), then `dsmd experiments` writes {source} and `dvc repro` puts it here.")
         return [f"## {title}", "", text, ""], [f"<h2>{html.escape(title)}</h2>", f"<p>{html.escape(text)}</p>"]
     varying, metrics = document.get("varying", []), document.get("metrics", METRICS)
+    gain_md, gain_html = gain_section(document)
     header, cells = _cells(document["rows"], varying, metrics)
     text = (f"{len(cells)} runs, each a real `dvc exp run` of this pipeline, gathered by `dsmd experiments` on "
             f"{document.get('gathered', '?')} into {source}. Columns: the parameters that differ between the runs, "
             "then test-split metrics (RSUM and recall in percent; ratio = student RSUM / teacher RSUM).")
     return (
-        [f"## {title}", "", text, "", *_markdown(header, cells), ""],
-        [f"<h2>{html.escape(title)}</h2>", f"<p>{html.escape(text)}</p>", _html(header, cells)],
+        [*gain_md, f"## {title}", "", text, "", *_markdown(header, cells), ""],
+        [*gain_html, f"<h2>{html.escape(title)}</h2>", f"<p>{html.escape(text)}</p>", _html(header, cells)],
     )
 
 

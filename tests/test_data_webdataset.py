@@ -237,3 +237,20 @@ def test_up_to_date_follows_the_shards(tmp_path, img2dataset):
     assert not is_up_to_date(cfg)
     card = json.loads((tmp_path / "canonical" / "dataset.json").read_text())
     assert card["source"]["settings"]["hash_split_val"] == 0.0
+
+
+def test_dsmd_data_check_on_a_shard_directory(tmp_path, img2dataset):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    params = tmp_path / "params.yaml"
+    params.write_text("{}\n")
+    settings = ["--params", str(params), "--set", f"data.source={img2dataset}",
+                "--set", f"data.images_root={img2dataset}", "--set", f"data.canonical_dir={tmp_path / 'canonical'}"]
+    result = CliRunner().invoke(app, [*settings, "data", "check"])
+    assert result.exit_code == 0, result.output
+    assert "00000.tar/000000001.jpg" in result.output and "truncated image data" in result.output
+    assert "caption is missing" in result.output and "1 bad images" in result.output
+    result = CliRunner().invoke(app, [*settings, "data", "info"])
+    assert "WebDataset: 2 shards" in result.output and "1 samples never downloaded" in result.output

@@ -17,7 +17,7 @@ from wds_helpers import png_bytes, write_shard
 
 from pipeline.data.canonical import CanonicalDataset, prepare_dataset
 from pipeline.data.check import check_dataset, load_bad_images
-from pipeline.data.images import load_rgb
+from pipeline.data.images import BadImageError, load_rgb
 from pipeline.data.shards import ShardError
 from pipeline.data.webdataset import hash_split
 from pipeline.errors import DsmdError
@@ -96,6 +96,8 @@ def test_the_tar_index_points_at_each_members_bytes(tmp_path, img2dataset):
     with tarfile.open(img2dataset / "00001.tar") as archive:
         expected = archive.extractfile("000010000.jpg").read()
     assert ds.image_source(4).read() == expected
+    with pytest.raises(BadImageError, match="too large: a member of"):
+        load_rgb(ds.image_source(4), max_decode_bytes=len(expected) - 1)  # refused before reading it
 
 
 def test_a_truncated_shard_records_the_cut_member_and_the_ones_lost_after_it(tmp_path):

@@ -109,10 +109,16 @@ class DecodeMemory:
                 self._changed.notify_all()
 
 
-def _opened(source: str | Path | TarMember) -> tuple[Path | io.BytesIO, str | Path]:
+def _opened(source: str | Path | TarMember, max_bytes: int) -> tuple[Path | io.BytesIO, str | Path]:
     """What Pillow opens for ``source`` (a file's path, or a tar member's bytes) and the name errors give it.
     A missing shard raises `ShardError`, which no stage turns into a skip."""
     if isinstance(source, TarMember):
+        if source.size > max_bytes:
+            # A member is read whole before its header is seen; an encoded image is smaller than its pixels.
+            raise BadImageError(
+                f"too large: a member of {source.size / 2**20:,.0f} MiB (limit {max_bytes / 2**20:,.0f} MiB)",
+                str(source),
+            )
         try:
             data = source.read()
         except BadMemberError as exc:
@@ -146,7 +152,7 @@ def load_rgb(
     ``max_decode_bytes`` bounds `decode_cost`, checked from the header; ``memory`` is shared by threads that
     decode at the same time, to bound their sum.
     """
-    opened, path = _opened(source)
+    opened, path = _opened(source, max_decode_bytes)
     try:
         with Image.open(opened) as image:
             width, height = image.size

@@ -93,7 +93,7 @@ def model_only(teacher: BEiT3Teacher, worker: ExtractWorker, batch: int, n_batch
     batches = []
     for start in range(0, batch * n_batches, batch):
         ids = range(start, min(start + batch, worker.ds.num_images))
-        pixels = torch.stack([teacher.image_transform(load_rgb(worker.ds.image_path(i))) for i in ids])
+        pixels = torch.stack([teacher.image_transform(load_rgb(worker.ds.image_source(i))) for i in ids])
         batches.append(pixels.pin_memory() if pin else pixels)
     for pixels in batches[:2]:  # warm-up (kernel choice, allocator)
         teacher.encode_images(pixels).float().cpu()

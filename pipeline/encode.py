@@ -22,7 +22,7 @@ class _Images(Dataset):
     def __getitem__(self, index: int):
         image_id = int(self.image_ids[index])
         try:
-            return self.transform(load_rgb(self.ds.image_path(image_id))), True
+            return self.transform(load_rgb(self.ds.image_source(image_id))), True
         except BadImageError:
             return None, False
 

@@ -154,7 +154,7 @@ def _model_only(teacher, ds: CanonicalDataset, image_batch: int, text_batch: int
     pin = run.cuda
     ids = list(range(min(ds.num_images, image_batch * n_batches)))
     with ThreadPoolExecutor(max_workers=run.cores()) as pool:
-        decoded = list(pool.map(lambda i: teacher.image_transform(load_rgb(ds.image_path(i))), ids))
+        decoded = list(pool.map(lambda i: teacher.image_transform(load_rgb(ds.image_source(i))), ids))
     images = [torch.stack(decoded[s : s + image_batch]) for s in range(0, len(decoded), image_batch)]
     images = [b.pin_memory() if pin else b for b in images]
     texts = ds.texts(np.arange(min(ds.num_captions, text_batch * n_batches)))

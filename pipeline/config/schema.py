@@ -19,20 +19,26 @@ Ks = Annotated[list[PosInt], Items(min=1, unique=True)]
 
 @dataclass
 class DataConfig:
-    # Source of the dataset: a Karpathy split JSON or a CSV / JSONL / Parquet table (one row per caption).
+    # Source of the dataset: a Karpathy split JSON, a CSV / JSONL / Parquet table (one row per caption), or a
+    # directory of WebDataset / img2dataset .tar shards (images read inside the tars; pipeline/data/webdataset.py).
     source: str = "data/shapes/dataset_shapes.json"
-    format: Literal["auto", "karpathy", "csv", "jsonl", "parquet"] = "auto"
+    format: Literal["auto", "karpathy", "csv", "jsonl", "parquet", "webdataset"] = "auto"
     images_root: str = "data/shapes/images"
     name: str = "shapes"
     # Where the canonical representation (images.parquet, captions.parquet, dataset.json) is written.
     canonical_dir: str = "data/canonical"
-    # Table column names (ignored for Karpathy JSON).
+    # Table column names (ignored for Karpathy JSON). For WebDataset, caption_column and split_column name the
+    # fields of each sample's .json (the .txt member, when present, is the caption).
     image_column: str = "image"
     caption_column: str = "caption"
     image_id_column: str = "image_id"
     split_column: str = "split"
     # Split for table rows without one (no split column or a blank cell); empty = such rows are an error.
     default_split: Literal["", "train", "val", "test"] = ""
+    # WebDataset samples without a split field (img2dataset writes none): the fractions sent to val and to test
+    # by a hash of the key (stable across shard order), before default_split applies. Their sum must be < 1.
+    hash_split_val: Annotated[float, Range(ge=0, lt=1)] = 0.0
+    hash_split_test: Annotated[float, Range(ge=0, lt=1)] = 0.0
 
 
 @dataclass

@@ -7,6 +7,8 @@ Layout of a canonical directory (see docs/architecture.md):
 - ``captions.parquet``: caption_id (dense 0..M-1, source order), image_id, text, split (the image's split).
 - ``dataset.json``: schema_version, name, images_root, fingerprint, counts, source (path, format, sha256 and
   the reader settings) and the rows that were dropped, each with its reason.
+- ``tar_index.parquet``, for a WebDataset source only: where each image lies inside its tar shard
+  (`pipeline.data.shards.TarIndex`); the ``path`` column then reads ``<shard>/<member>``.
 
 Decisions:
 - An image whose captions were all dropped stays an image row: it is still part of the gallery that
@@ -31,8 +33,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data import karpathy, tables
+from pipeline.data import karpathy, tables, webdataset
 from pipeline.data.rows import CAPTIONS_SCHEMA, IMAGES_SCHEMA, SPLITS, RootGuard, SourceBuilder
+from pipeline.data.shards import TarIndex, TarMember, check_shard
 from pipeline.errors import DsmdError
 
 __all__ = [
@@ -51,6 +54,7 @@ CARD_FILE = "dataset.json"
 # Written by `dsmd data check`; removed by prepare whenever the content it describes changes.
 BAD_IMAGES_FILE = "bad_images.parquet"
 CHECK_REPORT_FILE = "check_report.json"
+TAR_INDEX_FILE = "tar_index.parquet"
 
 
 # -------------------------------------------------------------------------------------- fingerprint
@@ -129,6 +133,7 @@ class CanonicalDataset:
         images_root: str | Path,
         info: dict | None = None,
         directory: str | Path | None = None,
+        tar_index: TarIndex | None = None,
     ):
         self.images, self.captions = _check_tables(images, captions, name)
         self.name = name
@@ -144,6 +149,16 @@ class CanonicalDataset:
         self._texts: list[str] | None = None
         # No directory cache: readers live long, and a symlink may change under them.
         self._guard = RootGuard(self.images_root)
+        self.tar_index = tar_index
+        self._shard_paths: list[Path] = []
+        if tar_index is not None:
+            if len(tar_index) != self.num_images:
+                raise DsmdError(f"{name}: the tar index has {len(tar_index)} rows for {self.num_images} images")
+            for shard in tar_index.shards:
+                try:
+                    self._shard_paths.append(Path(self._guard.resolve(shard)))
+                except ValueError as exc:
+                    raise DsmdError(f"{name}: shard {shard!r} {exc}") from None
 
     # ---------------------------------------------------------------- sizes and ids
     @property
@@ -195,10 +210,26 @@ class CanonicalDataset:
     def image_path(self, image_id: int) -> Path:
         """The image file, resolved; checked again here in case a symlink changed after prepare."""
         relative = self.image_relpath(image_id)
+        if self.tar_index is not None:
+            raise DsmdError(f"{self.name}: image {image_id} lies inside a tar shard; read it through image_source")
         try:
             return Path(self._guard.resolve(relative))
         except ValueError as exc:
             raise DsmdError(f"{self.name}: image {image_id} ({relative!r}) {exc}") from None
+
+    def image_source(self, image_id: int) -> Path | TarMember:
+        """Where to read an image: its file, or its member in a tar shard (what `load_rgb` takes either way)."""
+        if self.tar_index is None:
+            return self.image_path(image_id)
+        index, at = self.tar_index, self._image_index(image_id)
+        shard = int(index.shard_of[at])
+        return TarMember(
+            shard=self._shard_paths[shard],
+            name=index.members[at],
+            offset=int(index.offsets[at]),
+            size=int(index.sizes[at]),
+            shard_size=index.shard_sizes[shard],
+        )
 
     def texts(self, caption_ids: Sequence[int] | np.ndarray) -> list[str]:
         if self._texts is None:
@@ -244,6 +275,10 @@ class CanonicalDataset:
         previous = _read_card(directory) if (directory / CARD_FILE).exists() else None
         _write_atomic(directory / IMAGES_FILE, lambda p: pq.write_table(self.images, p))
         _write_atomic(directory / CAPTIONS_FILE, lambda p: pq.write_table(self.captions, p))
+        if self.tar_index is not None:
+            _write_atomic(directory / TAR_INDEX_FILE, lambda p: pq.write_table(self.tar_index.to_table(), p))
+        else:
+            (directory / TAR_INDEX_FILE).unlink(missing_ok=True)
         if (
             previous is None
             or previous.get("fingerprint") != self.fingerprint
@@ -265,6 +300,10 @@ class CanonicalDataset:
         try:
             images = pq.read_table(directory / IMAGES_FILE)
             captions = pq.read_table(directory / CAPTIONS_FILE)
+            in_tars = card.get("source", {}).get("format") == "webdataset"
+            tar_index = (
+                TarIndex.from_table(pq.read_table(directory / TAR_INDEX_FILE), str(directory)) if in_tars else None
+            )
         except (OSError, pa.ArrowInvalid) as exc:
             raise DsmdError(
                 f"{directory}: cannot read the canonical tables ({exc}); rerun `dsmd data prepare`"
@@ -276,13 +315,22 @@ class CanonicalDataset:
             images_root=images_root if images_root is not None else card["images_root"],
             info={k: v for k, v in card.items() if k not in ("counts",)},
             directory=directory,
+            tar_index=tar_index,
         )
         if dataset.fingerprint != card.get("fingerprint"):
             raise DsmdError(
                 f"{directory}: the tables do not match the fingerprint in {CARD_FILE} (changed by hand or an "
                 "interrupted write); rerun `dsmd data prepare`"
             )
+        dataset.check_shards()
         return dataset
+
+    def check_shards(self) -> None:
+        """For a dataset in tar shards: refuse, in one line, a shard that is missing or changed since it was
+        indexed. Done on loading, so that no stage meets it first inside a loader or Dask worker."""
+        if self.tar_index is not None:
+            for path, size in zip(self._shard_paths, self.tar_index.shard_sizes, strict=True):
+                check_shard(path, size)
 
 
 def _refuse_file_in_the_way(directory: Path) -> None:
@@ -341,6 +389,8 @@ def detect_format(source: Path, declared: str) -> str:
     if declared != "auto":
         return declared
     suffixes = [s.lower() for s in source.suffixes]
+    if source.is_dir() or (suffixes and suffixes[-1] == ".tar"):
+        return "webdataset"
     if suffixes and suffixes[-1] in (".gz", ".bz2", ".xz", ".zst"):
         raise DsmdError(f"{source}: compressed sources are not read directly; decompress it first")
     by_suffix = {
@@ -355,7 +405,8 @@ def detect_format(source: Path, declared: str) -> str:
     fmt = by_suffix.get(suffixes[-1] if suffixes else "")
     if fmt is None:
         raise DsmdError(
-            f"{source}: cannot tell the format from the name; set data.format to one of karpathy, csv, jsonl, parquet"
+            f"{source}: cannot tell the format from the name; set data.format to one of karpathy, csv, jsonl, "
+            "parquet, webdataset"
         )
     return fmt
 
@@ -368,9 +419,30 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _shards_digest(source: Path) -> str:
+    """sha256 over the shards' and their tables' names, sizes and modification times: hashing the bytes of a
+    100k-image WebDataset each time `dsmd data check` asks whether it is up to date would take minutes."""
+    digest = hashlib.sha256()
+    for shard in webdataset.list_shards(source):
+        for path in (shard, shard.with_suffix(".parquet")):
+            if path.exists():
+                stat = path.stat()
+                digest.update(f"{path.name}\x00{stat.st_size}\x00{stat.st_mtime_ns}\n".encode())
+    return digest.hexdigest()
+
+
 def _source_record(cfg: Any, fmt: str) -> dict:
     source = Path(cfg.source).resolve()
     settings: dict[str, Any] = {}
+    if fmt == "webdataset":
+        settings = {
+            "caption_column": cfg.caption_column,
+            "split_column": cfg.split_column,
+            "default_split": cfg.default_split,
+            "hash_split_val": cfg.hash_split_val,
+            "hash_split_test": cfg.hash_split_test,
+        }
+        return {"path": str(source), "format": fmt, "listing_sha256": _shards_digest(source), "settings": settings}
     if fmt != "karpathy":
         settings = {
             "image_column": cfg.image_column,
@@ -384,7 +456,7 @@ def _source_record(cfg: Any, fmt: str) -> dict:
 
 def _checked_inputs(cfg: Any) -> tuple[Path, Path, str]:
     source = Path(cfg.source)
-    if not source.is_file():
+    if not (source.is_file() or (source.is_dir() and cfg.format in ("auto", "webdataset"))):
         raise DsmdError(f"data.source {cfg.source!r}: no such file; set data.source (or run `dsmd demo data`)")
     root = Path(cfg.images_root)
     if not root.is_dir():
@@ -397,8 +469,12 @@ def prepare_dataset(cfg: Any) -> CanonicalDataset:
     source, root, fmt = _checked_inputs(cfg)
     _refuse_file_in_the_way(Path(cfg.canonical_dir))  # before reading a source that may take minutes
     builder = SourceBuilder(source=source, images_root=root)
+    tar_index, extra = None, {}
     if fmt == "karpathy":
         karpathy.read_karpathy(source, builder)
+    elif fmt == "webdataset":
+        tar_index, summary = webdataset.read_webdataset_source(source, cfg, builder)
+        extra = {"webdataset": summary.to_dict()}
     else:
         tables.read_table_source(source, fmt, cfg, builder)
     images, captions = builder.tables()
@@ -406,8 +482,9 @@ def prepare_dataset(cfg: Any) -> CanonicalDataset:
         "source": _source_record(cfg, fmt),
         "images_root_given": str(cfg.images_root),
         "dropped": [row.to_dict() for row in builder.dropped],
+        **extra,
     }
-    dataset = CanonicalDataset(images, captions, name=cfg.name, images_root=root, info=info)
+    dataset = CanonicalDataset(images, captions, name=cfg.name, images_root=root, info=info, tar_index=tar_index)
     dataset.save(cfg.canonical_dir)
     return dataset
 

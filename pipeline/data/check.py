@@ -22,6 +22,7 @@ import pyarrow.parquet as pq
 
 from pipeline.data.canonical import BAD_IMAGES_FILE, CARD_FILE, CHECK_REPORT_FILE, CanonicalDataset
 from pipeline.data.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, BadImageError, DecodeMemory, load_rgb
+from pipeline.data.shards import ShardError
 from pipeline.errors import DsmdError
 
 __all__ = ["BadImage", "CaptionWarning", "CheckReport", "check_dataset", "load_bad_images", "caption_warnings"]
@@ -136,9 +137,11 @@ def _scan_images(
 ) -> Iterator[tuple[int, str | None]]:
     def check_one(image_id: int) -> tuple[int, str | None]:
         try:
-            load_rgb(dataset.image_path(image_id), **limits)
+            load_rgb(dataset.image_source(image_id), **limits)
         except BadImageError as exc:
             return image_id, exc.reason
+        except ShardError:
+            raise  # a whole shard gone or changed: one line naming it, not thousands of bad images
         except DsmdError as exc:  # the path now leaves the root (a symlink changed since prepare)
             return image_id, f"path outside the images root: {exc}"
         return image_id, None

@@ -36,6 +36,15 @@ def _print_dataset(dataset) -> None:
         console.print(f"canonical dir: {dataset.directory}", highlight=False, markup=False)
     if dataset.dropped:
         console.print(f"[yellow]{len(dataset.dropped):,} caption rows dropped[/yellow] (see dataset.json)")
+    shards = dataset.info.get("webdataset")
+    if shards:
+        truncated = len(shards.get("truncated_shards", []))
+        console.print(
+            f"WebDataset: {shards.get('shards', 0):,} shards (images read inside them), "
+            f"{truncated:,} truncated, {shards.get('missing_from_tar', 0):,} downloaded samples missing from "
+            f"their tar, {shards.get('not_downloaded', 0):,} samples never downloaded (img2dataset tables)",
+            highlight=False,
+        )
 
 
 def _problem_table(title: str, columns: list[str], rows: list[list[str]], limit: int, total: int) -> Table:

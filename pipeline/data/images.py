@@ -12,6 +12,7 @@ and no more; `decode_cost` estimates that from the header, before anything is de
 
 from __future__ import annotations
 
+import io
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
@@ -20,6 +21,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
+from pipeline.data.shards import BadMemberError, ShardError, TarMember
 from pipeline.errors import DsmdError
 
 __all__ = [
@@ -107,18 +109,24 @@ class DecodeMemory:
                 self._changed.notify_all()
 
 
-def load_rgb(
-    path: str | Path,
-    max_pixels: int = DEFAULT_MAX_PIXELS,
-    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
-    memory: DecodeMemory | None = None,
-) -> Image.Image:
-    """Decode the whole image at ``path`` into a new 8-bit RGB image, or raise `BadImageError`.
-
-    ``max_decode_bytes`` bounds `decode_cost`, checked from the header; ``memory`` is shared by threads that
-    decode at the same time, to bound their sum.
-    """
-    path = Path(path)
+def _opened(source: str | Path | TarMember, max_bytes: int) -> tuple[Path | io.BytesIO, str | Path]:
+    """What Pillow opens for ``source`` (a file's path, or a tar member's bytes) and the name errors give it.
+    A missing shard raises `ShardError`, which no stage turns into a skip."""
+    if isinstance(source, TarMember):
+        if source.size > max_bytes:
+            # A member is read whole before its header is seen; an encoded image is smaller than its pixels.
+            raise BadImageError(
+                f"too large: a member of {source.size / 2**20:,.0f} MiB (limit {max_bytes / 2**20:,.0f} MiB)",
+                str(source),
+            )
+        try:
+            data = source.read()
+        except BadMemberError as exc:
+            raise BadImageError(exc.reason, str(source)) from None
+        if not data:
+            raise BadImageError("empty member (0 bytes)", str(source))
+        return io.BytesIO(data), str(source)
+    path = Path(source)
     try:
         size = path.stat().st_size
     except FileNotFoundError:
@@ -129,8 +137,24 @@ def load_rgb(
         raise BadImageError("not a regular file", path)
     if size == 0:
         raise BadImageError("empty file (0 bytes)", path)
+    return path, path
+
+
+def load_rgb(
+    source: str | Path | TarMember,
+    max_pixels: int = DEFAULT_MAX_PIXELS,
+    max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
+    memory: DecodeMemory | None = None,
+) -> Image.Image:
+    """Decode the whole image at ``source`` (a file, or a member of a tar shard: `CanonicalDataset.image_source`)
+    into a new 8-bit RGB image, or raise `BadImageError`.
+
+    ``max_decode_bytes`` bounds `decode_cost`, checked from the header; ``memory`` is shared by threads that
+    decode at the same time, to bound their sum.
+    """
+    opened, path = _opened(source, max_decode_bytes)
     try:
-        with Image.open(path) as image:
+        with Image.open(opened) as image:
             width, height = image.size
             if width <= 0 or height <= 0:
                 raise BadImageError(f"invalid size {width} x {height}", path)
@@ -166,17 +190,20 @@ def load_rgb(
 
 
 def load_or_skip(
-    path_of: Callable[[int], Path], image_id: int, known_bad: Mapping[int, str]
+    path_of: Callable[[int], Path | TarMember], image_id: int, known_bad: Mapping[int, str]
 ) -> tuple[Image.Image | None, str]:
     """``(image, "")``, or ``(None, reason)`` for an image every stage skips: one the last `dsmd data check`
     recorded as bad (not opened again), or one that fails to decode now, with the reason worded as the check
-    words it. ``path_of(image_id)`` gives its file (``CanonicalDataset.image_path``)."""
+    words it. ``path_of(image_id)`` gives its file or tar member (``CanonicalDataset.image_source``). A missing
+    or changed shard is no skip: it raises `ShardError`."""
     if image_id in known_bad:
         return None, known_bad[image_id]
     try:
         return load_rgb(path_of(image_id)), ""
     except BadImageError as exc:
         return None, exc.reason
+    except ShardError:
+        raise
     except DsmdError as exc:  # the path leaves the images root (a symlink changed since prepare)
         return None, f"path outside the images root: {exc}"
     except Exception as exc:  # a decoder bug: a skip, never a crash of the whole run

@@ -127,7 +127,7 @@ def load_split_pixels(
     known_bad = load_bad_images(directory) if directory is not None else {}
     kept, pixels, skipped = [], [], {}
     for image_id in split_ids.tolist():
-        image, reason = load_or_skip(dataset.image_path, image_id, known_bad)
+        image, reason = load_or_skip(dataset.image_source, image_id, known_bad)
         if image is None:
             skipped[image_id] = reason
         else:

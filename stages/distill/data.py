@@ -70,7 +70,7 @@ class PairRows(Dataset):
         caption_id = int(self.caption_ids[index])
         image_id = int(self.image_of[caption_id])
         try:
-            pixels = self.transform(load_rgb(self.ds.image_path(image_id)))
+            pixels = self.transform(load_rgb(self.ds.image_source(image_id)))
         except BadImageError:
             # The file changed after extraction; the collate function drops the pair.
             pixels = None

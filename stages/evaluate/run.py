@@ -67,7 +67,11 @@ def _examples(ds, texts, caption_image_ids, text_emb, index, n: int) -> list[dic
             {
                 "query": texts[row],
                 "results": [
-                    {"path": str(ds.image_path(int(i))), "score": float(s), "correct": int(i) == caption_image_ids[row]}
+                    {
+                        "path": str(ds.image_source(int(i))),
+                        "score": float(s),
+                        "correct": int(i) == caption_image_ids[row],
+                    }
                     for s, i in zip(scores[0], ids[0], strict=True)
                 ],
             }

@@ -31,7 +31,7 @@ def check_inputs(ds: CanonicalDataset, split: str, n_texts: int, n_images: int) 
     images = []
     for image_id in _spread(ds.image_ids(split), 4 * n_images):
         try:
-            images.append(load_rgb(ds.image_path(int(image_id))))
+            images.append(load_rgb(ds.image_source(int(image_id))))
         except BadImageError:
             continue
         if len(images) == n_images:

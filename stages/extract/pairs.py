@@ -147,7 +147,7 @@ class PairFiller:
         size = self.cfg.extract.image_batch_size
         batches = image_batches(
             [images[i : i + size] for i in range(0, len(images), size)],
-            self.ds.image_path,
+            self.ds.image_source,
             self.teacher.image_transform,
             workers=self.cfg.extract.loader_workers,
             known_bad=self.known_bad,

@@ -1,0 +1,212 @@
+"""Random access to the members of uncompressed tar shards (WebDataset, img2dataset), without unpacking them.
+
+Each shard is indexed once, when the dataset is prepared: member name -> (offset of its data, size), which
+`tarfile` gives while it walks the headers (it seeks past the data, so indexing reads headers only). Reading a
+member is then one positioned read of exactly its bytes. The index lives in the canonical dataset
+(``tar_index.parquet``) together with each shard's size; a shard whose size differs later was rewritten since
+it was indexed and is refused, because the recorded offsets would point into other data.
+
+Failures come in two kinds:
+- a member that cannot be used (its data cut off by a truncated shard, or listed as downloaded but absent):
+  `BadMemberError`, which `load_rgb` turns into a `BadImageError`: recorded by `dsmd data check` and skipped
+  by every stage like a bad file;
+- a shard that is missing, unreadable, changed or not a tar at all: `ShardError`, one line naming the shard,
+  which no stage turns into a skip (every image in it would silently vanish).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tarfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+
+from pipeline.errors import DsmdError
+
+__all__ = [
+    "ABSENT",
+    "BadMemberError",
+    "IndexedMember",
+    "ShardError",
+    "TarIndex",
+    "TarMember",
+    "check_shard",
+    "index_shard",
+]
+
+_SHARDS_KEY = "dsmd_shards"
+
+# The offset of a sample that the shard's img2dataset table lists as downloaded but that the tar lacks.
+ABSENT = -1
+
+
+class ShardError(DsmdError):
+    """A whole shard is unusable: missing, unreadable, rewritten since indexing, or not an uncompressed tar."""
+
+
+class BadMemberError(DsmdError):
+    """One member cannot be read; ``reason`` is worded for the check report."""
+
+    def __init__(self, reason: str):
+        self.reason = reason
+        super().__init__(reason)
+
+
+@dataclass(frozen=True)
+class IndexedMember:
+    name: str
+    offset: int  # of the member's data in the shard
+    size: int
+
+
+@dataclass(frozen=True)
+class TarMember:
+    """One image inside a shard: where its bytes are and what the shard looked like when it was indexed."""
+
+    shard: Path
+    name: str
+    offset: int
+    size: int
+    shard_size: int
+
+    def __str__(self) -> str:
+        return f"{self.shard}/{self.name}"
+
+    def read(self) -> bytes:
+        """The member's bytes; `ShardError` for a shard that is gone or changed, `BadMemberError` for a member
+        that the shard does not (completely) hold."""
+        if self.offset == ABSENT:
+            raise BadMemberError(f"missing from shard {self.shard.name} (listed as downloaded)")
+        check_shard(self.shard, self.shard_size)
+        try:
+            fd = os.open(self.shard, os.O_RDONLY)
+        except OSError as exc:
+            raise ShardError(f"{self.shard}: cannot open the shard ({exc.strerror or exc})") from None
+        try:
+            data = os.pread(fd, self.size, self.offset)
+        except OSError as exc:
+            raise ShardError(f"{self.shard}: cannot read the shard ({exc.strerror or exc})") from None
+        finally:
+            os.close(fd)
+        if len(data) < self.size:
+            raise BadMemberError(f"truncated shard: {len(data)} of {self.size} bytes in {self.shard.name}")
+        return data
+
+
+def check_shard(path: Path, size: int) -> None:
+    """Refuse a shard that is missing or whose size is not the one recorded at indexing."""
+    try:
+        actual = os.stat(path).st_size
+    except FileNotFoundError:
+        raise ShardError(
+            f"{path}: shard missing; restore it or rerun `dsmd data prepare` without it"
+        ) from None
+    except OSError as exc:
+        raise ShardError(f"{path}: cannot read the shard ({exc.strerror or exc})") from None
+    if actual != size:
+        raise ShardError(
+            f"{path}: shard is {actual:,} bytes but was {size:,} when indexed (rewritten since); rerun "
+            "`dsmd data prepare`"
+        )
+
+
+def index_shard(path: Path) -> tuple[list[IndexedMember], bool]:
+    """The regular members of the shard at ``path``, in archive order, and whether the shard is cut short.
+
+    A shard cut inside a member's data keeps that member (its read fails later as truncated); one cut inside
+    a header ends the listing there. A file that is not an uncompressed tar is a `ShardError`.
+    """
+    try:
+        file_size = os.stat(path).st_size
+        handle = open(path, "rb")  # noqa: SIM115 (closed below, after tarfile is done with it)
+    except FileNotFoundError:
+        raise ShardError(f"{path}: shard missing") from None
+    except OSError as exc:
+        raise ShardError(f"{path}: cannot read the shard ({exc.strerror or exc})") from None
+    with handle:
+        magic = handle.read(6)
+        if magic[:2] == b"\x1f\x8b" or magic[:3] == b"BZh" or magic == b"\xfd7zXZ\x00":
+            raise ShardError(
+                f"{path}: compressed shard; images are read by offset, which needs plain .tar shards: "
+                "decompress it (e.g. gunzip) and prepare again"
+            )
+        handle.seek(0)
+        members: list[IndexedMember] = []
+        truncated = False
+        try:
+            # "r:" = uncompressed only; ignore_zeros=False stops at the end-of-archive blocks.
+            archive = tarfile.open(fileobj=handle, mode="r:")
+        except tarfile.ReadError as exc:
+            raise ShardError(f"{path}: not a tar file ({exc}); remove it from the shard directory") from None
+        with archive:
+            while True:
+                try:
+                    info = archive.next()
+                except (tarfile.ReadError, EOFError) as exc:
+                    if not members:
+                        raise ShardError(f"{path}: not a readable tar file ({exc})") from None
+                    truncated = True  # a header cut off or damaged: nothing after it can be found
+                    break
+                if info is None:
+                    break
+                if info.isfile():
+                    members.append(IndexedMember(info.name, info.offset_data, info.size))
+                    if info.offset_data + info.size > file_size:
+                        truncated = True
+                        break
+    if not members and file_size > 0 and not truncated:
+        # An empty archive is legal but certainly not what the user meant to prepare.
+        raise ShardError(f"{path}: the shard holds no files")
+    return members, truncated
+
+
+@dataclass
+class TarIndex:
+    """Where each image of a dataset lies: ``shards`` (paths relative to the images root) with their sizes at
+    indexing, and per image row its shard's position in that list, member name, data offset and size."""
+
+    shards: list[str]
+    shard_sizes: list[int]
+    shard_of: np.ndarray  # int32, one per image row
+    members: list[str]
+    offsets: np.ndarray  # int64; ABSENT for a sample the tar lacks
+    sizes: np.ndarray  # int64
+
+    def __len__(self) -> int:
+        return len(self.members)
+
+    def to_table(self) -> pa.Table:
+        shards = [{"path": p, "size": s} for p, s in zip(self.shards, self.shard_sizes, strict=True)]
+        return pa.table(
+            {
+                "image_id": pa.array(np.arange(len(self), dtype=np.int64)),
+                "shard": pa.array(self.shard_of, pa.int32()),
+                "member": pa.array(self.members, pa.string()),
+                "offset": pa.array(self.offsets, pa.int64()),
+                "size": pa.array(self.sizes, pa.int64()),
+            }
+        ).replace_schema_metadata({_SHARDS_KEY: json.dumps(shards)})
+
+    @classmethod
+    def from_table(cls, table: pa.Table, where: str) -> TarIndex:
+        try:
+            shards = json.loads((table.schema.metadata or {})[_SHARDS_KEY.encode()])
+            index = cls(
+                shards=[str(s["path"]) for s in shards],
+                shard_sizes=[int(s["size"]) for s in shards],
+                shard_of=table.column("shard").to_numpy().astype(np.int32),
+                members=table.column("member").to_pylist(),
+                offsets=table.column("offset").to_numpy().astype(np.int64),
+                sizes=table.column("size").to_numpy().astype(np.int64),
+            )
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+            raise DsmdError(f"{where}: damaged tar index ({exc}); rerun `dsmd data prepare`") from None
+        if not np.array_equal(table.column("image_id").to_numpy(), np.arange(len(index))) or (
+            len(index) and not 0 <= int(index.shard_of.min()) <= int(index.shard_of.max()) < len(index.shards)
+        ):
+            raise DsmdError(f"{where}: damaged tar index (ids or shard numbers); rerun `dsmd data prepare`")
+        return index

@@ -1,0 +1,262 @@
+"""Reader for WebDataset shards as img2dataset writes them: ``00000.tar`` holding ``{key}.jpg`` (or .jpeg,
+.png, .webp), ``{key}.txt`` (the caption) and ``{key}.json`` (metadata), beside ``00000.parquet`` (one row per
+sample of the shard's input, downloaded or not: key, caption, status, error_message, ...).
+
+``data.source`` is a directory of shards (every ``*.tar`` directly in it, in name order) or one ``.tar``; the
+shards must lie under ``data.images_root``. Images stay inside the tars: each shard is indexed once here
+(`pipeline.data.shards`) and every stage reads an image by its offset.
+
+Rules:
+- A sample is the members sharing a key: the member name up to the first dot of its base name, as the
+  WebDataset convention has it (``a/b.c.jpg`` -> key ``a/b``, extension ``c.jpg``). The key is the image id;
+  img2dataset makes it unique across shards (shard number + row), and a key seen twice is refused.
+- Caption: the ``.txt`` member, else the json's ``data.caption_column`` field. A sample with neither, or a blank
+  one (img2dataset writes an empty .txt for a missing caption), keeps its image and has its caption recorded as
+  dropped, as the table readers do.
+- Split, in this order: the json's ``data.split_column`` field; else, when ``data.hash_split_val`` or
+  ``data.hash_split_test`` is set, a hash of the key (sha256 of the UTF-8 key, first 8 bytes as an integer over
+  2**64: below test -> test, below test + val -> val, else train), which keeps a sample's split whatever shard
+  it sits in and however the shards are listed; else ``data.default_split``; else the dataset is refused.
+- Samples the shard's parquet lists as downloaded (status "success") that the tar lacks (a shard cut short)
+  become image rows whose read fails as "missing from shard", so `dsmd data check` records them; their caption
+  and split come from the parquet. Samples not downloaded are counted only.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import posixpath
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from pipeline.data.rows import DroppedRow, SourceBuilder
+from pipeline.data.shards import ABSENT, IndexedMember, ShardError, TarIndex, index_shard
+from pipeline.errors import DsmdError
+
+__all__ = ["IMAGE_EXTENSIONS", "list_shards", "hash_split", "read_webdataset_source"]
+
+# In order of preference, for a sample that holds the image in several encodings.
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+_TEXT_LIMIT = 1 << 20  # a caption or metadata member larger than this is not a caption: refuse, do not load
+
+
+def list_shards(source: Path) -> list[Path]:
+    """The shards of ``source``: the directory's ``*.tar`` files in name order, or the one ``.tar`` given."""
+    if source.is_file():
+        return [source]
+    shards = sorted(p for p in source.iterdir() if p.name.endswith(".tar") and not p.name.startswith("."))
+    if not shards:
+        compressed = sorted(p.name for p in source.iterdir() if ".tar." in p.name)
+        hint = f" (found compressed {compressed[0]}: decompress the shards first)" if compressed else ""
+        raise DsmdError(f"data.source {str(source)!r}: no .tar shards in this directory{hint}")
+    return shards
+
+
+def hash_split(key: str, val: float, test: float) -> str:
+    """The split of ``key`` under the hash rule (module notes)."""
+    position = int.from_bytes(hashlib.sha256(key.encode("utf-8")).digest()[:8], "big") / 2**64
+    if position < test:
+        return "test"
+    return "val" if position < test + val else "train"
+
+
+def _split_key(name: str) -> tuple[str, str]:
+    directory, base = posixpath.split(name)
+    stem, dot, extension = base.partition(".")
+    return posixpath.join(directory, stem) if directory else stem, extension.lower() if dot else ""
+
+
+@dataclass
+class _Sample:
+    image: IndexedMember | None = None
+    image_rank: int = len(IMAGE_EXTENSIONS)
+    texts: dict[str, IndexedMember] = field(default_factory=dict)
+
+
+def _group(members: list[IndexedMember]) -> dict[str, _Sample]:
+    samples: dict[str, _Sample] = {}
+    for member in members:
+        key, extension = _split_key(member.name)
+        sample = samples.setdefault(key, _Sample())
+        if extension in IMAGE_EXTENSIONS:
+            rank = IMAGE_EXTENSIONS.index(extension)
+            if rank < sample.image_rank:
+                sample.image, sample.image_rank = member, rank
+        elif extension in ("txt", "json"):
+            sample.texts[extension] = member
+    return samples
+
+
+@dataclass
+class _Rules:
+    caption_field: str
+    split_field: str
+    default_split: str
+    val: float
+    test: float
+
+    def split(self, key: str, given: Any, where: str) -> Any:
+        if isinstance(given, str) and given.strip():
+            return given
+        if given is not None and not isinstance(given, str):
+            return given  # the builder names the wrong type
+        if self.val > 0 or self.test > 0:
+            return hash_split(key, self.val, self.test)
+        if self.default_split:
+            return self.default_split
+        raise DsmdError(
+            f"{where}: no split (json field {self.split_field!r}); set data.hash_split_val / data.hash_split_test "
+            "to split by a hash of the key, or data.default_split"
+        )
+
+
+class _ShardReader:
+    """The small members (captions, metadata) of one shard, read by offset."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY)
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def text(self, member: IndexedMember, where: str) -> str | None:
+        if member.size > _TEXT_LIMIT:
+            raise DsmdError(f"{where}: {member.name} is {member.size:,} bytes, too large for a caption or metadata")
+        data = os.pread(self.fd, member.size, member.offset)
+        if len(data) < member.size:
+            return None  # cut off by a truncated shard: as if absent
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise DsmdError(f"{where}: {member.name} is not UTF-8 text ({exc.reason}); re-encode it") from None
+
+    def metadata(self, member: IndexedMember | None, where: str) -> dict:
+        if member is None:
+            return {}
+        text = self.text(member, where)
+        if text is None:
+            return {}
+        try:
+            value = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise DsmdError(f"{where}: {member.name} is not valid JSON ({exc.msg}); fix or drop the member") from None
+        if not isinstance(value, dict):
+            raise DsmdError(f"{where}: {member.name} must hold a JSON object, got {type(value).__name__}")
+        return value
+
+
+def _downloaded_table(shard: Path, rules: _Rules) -> tuple[list[dict], int]:
+    """The rows of the shard's img2dataset parquet with status "success", and how many others it lists."""
+    path = shard.with_suffix(".parquet")
+    if not path.is_file():
+        return [], 0
+    try:
+        table = pq.read_table(path)
+    except (OSError, pa.ArrowInvalid) as exc:
+        raise ShardError(f"{path}: not a readable Parquet file ({exc}); restore it or remove it") from None
+    names = table.column_names
+    if "key" not in names or "status" not in names:
+        return [], 0  # not img2dataset's table: nothing to compare the tar with
+    wanted = [n for n in ("key", "status", rules.caption_field, rules.split_field) if n in names]
+    rows = table.select(wanted).to_pylist()
+    success = [row for row in rows if row.get("status") == "success"]
+    return success, len(rows) - len(success)
+
+
+@dataclass
+class WebDatasetSummary:
+    shards: int = 0
+    truncated_shards: list[str] = field(default_factory=list)
+    not_downloaded: int = 0
+    missing_from_tar: int = 0
+
+    def to_dict(self) -> dict:
+        return {
+            "shards": self.shards,
+            "truncated_shards": self.truncated_shards,
+            "not_downloaded": self.not_downloaded,
+            "missing_from_tar": self.missing_from_tar,
+        }
+
+
+def read_webdataset_source(source: Path, cfg: Any, builder: SourceBuilder) -> tuple[TarIndex, WebDatasetSummary]:
+    """Index every shard of ``source`` and fill ``builder``; ``cfg`` is the `DataConfig`."""
+    rules = _Rules(
+        caption_field=cfg.caption_column,
+        split_field=cfg.split_column,
+        default_split=getattr(cfg, "default_split", "") or "",
+        val=float(getattr(cfg, "hash_split_val", 0.0)),
+        test=float(getattr(cfg, "hash_split_test", 0.0)),
+    )
+    if rules.val + rules.test >= 1:
+        raise DsmdError(
+            f"data.hash_split_val + data.hash_split_test = {rules.val + rules.test:g} leaves no training data; "
+            "keep their sum below 1"
+        )
+    index = TarIndex(shards=[], shard_sizes=[], shard_of=np.zeros(0, np.int32), members=[],
+                     offsets=np.zeros(0, np.int64), sizes=np.zeros(0, np.int64))
+    shard_of: list[int] = []
+    offsets: list[int] = []
+    sizes: list[int] = []
+    summary = WebDatasetSummary()
+
+    def add_image(key: str, shard_id: int, name: str, offset: int, size: int, split: Any, row: str) -> int:
+        image_index = builder.image(key, f"{index.shards[shard_id]}/{name}", split, row, unique=True)
+        shard_of.append(shard_id)
+        index.members.append(name)
+        offsets.append(offset)
+        sizes.append(size)
+        return image_index
+
+    for shard in list_shards(source):
+        where_shard = f"shard {shard.name}"
+        shard_rel = builder.normalize_path(str(shard.absolute()), where_shard)
+        members, truncated = index_shard(shard)
+        shard_id = len(index.shards)
+        index.shards.append(shard_rel)
+        index.shard_sizes.append(shard.stat().st_size)
+        summary.shards += 1
+        if truncated:
+            summary.truncated_shards.append(shard_rel)
+        reader = _ShardReader(shard)
+        try:
+            samples = _group(members)
+            for key, sample in samples.items():
+                row = f"shard {shard_rel}, sample {key!r}"
+                where = builder.where(row)
+                if sample.image is None:
+                    builder.dropped.append(DroppedRow(row, "no image member (jpg, jpeg, png or webp)", key))
+                    continue
+                metadata = reader.metadata(sample.texts.get("json"), where)
+                split = rules.split(key, metadata.get(rules.split_field), where)
+                image = add_image(key, shard_id, sample.image.name, sample.image.offset, sample.image.size, split, row)
+                if "txt" in sample.texts:
+                    caption = reader.text(sample.texts["txt"], where)
+                else:
+                    caption = metadata.get(rules.caption_field)
+                builder.caption(image, caption, row)
+        finally:
+            reader.close()
+        downloaded, not_downloaded = _downloaded_table(shard, rules)
+        summary.not_downloaded += not_downloaded
+        for record in downloaded:
+            key = str(record["key"])
+            if key in samples:
+                continue
+            row = f"shard {shard_rel}, sample {key!r} (listed in {shard.with_suffix('.parquet').name})"
+            split = rules.split(key, record.get(rules.split_field), builder.where(row))
+            image = add_image(key, shard_id, key, ABSENT, 0, split, row)
+            builder.caption(image, record.get(rules.caption_field), row)
+            summary.missing_from_tar += 1
+    index.shard_of = np.asarray(shard_of, dtype=np.int32)
+    index.offsets = np.asarray(offsets, dtype=np.int64)
+    index.sizes = np.asarray(sizes, dtype=np.int64)
+    return index, summary

@@ -52,7 +52,7 @@ def _nested(key: str, value) -> dict:
 def test_defaults_are_the_demo():
     """The values the README's demo results were measured with (formerly only in params.yaml)."""
     cfg = Config()
-    assert (cfg.demo.n_train, cfg.demo.n_val, cfg.demo.n_test) == (2000, 500, 1000)
+    assert (cfg.demo.n_train, cfg.demo.n_val, cfg.demo.n_test) == (500, 500, 1000)
     assert (cfg.distill.epochs, cfg.distill.lr, cfg.distill.lr_step_epochs) == (5, 3e-4, [4])
     assert (cfg.distill.losses.margin, cfg.distill.losses.queue_size) == (0.2, 4096)
     assert (cfg.student.img_size, cfg.student.patch_size) == (64, 16)

@@ -53,7 +53,7 @@ def test_defaults_are_the_demo():
     """The values the README's demo results were measured with (formerly only in params.yaml)."""
     cfg = Config()
     assert (cfg.demo.n_train, cfg.demo.n_val, cfg.demo.n_test) == (500, 500, 1000)
-    assert (cfg.distill.epochs, cfg.distill.lr, cfg.distill.lr_step_epochs) == (5, 3e-4, [4])
+    assert (cfg.distill.epochs, cfg.distill.lr, cfg.distill.lr_step_epochs) == (20, 3e-4, [16])
     assert (cfg.distill.losses.margin, cfg.distill.losses.queue_size) == (0.2, 4096)
     assert (cfg.student.img_size, cfg.student.patch_size) == (64, 16)
     assert [t.name for t in cfg.extra_teachers] == ["beit3_small"]

@@ -243,7 +243,7 @@ class DistillConfig:
     # The store name of the teacher whose features the student learns.
     teacher: str = "beit3"
     out_dir: str = "runs/distill"
-    # The paper: 20 epochs at lr 1e-4, times 0.1 after epoch 10 (recipes/). The demo: 20 epochs at 3e-4, times
+    # The paper: 20 epochs (as the demo) at lr 1e-4, times 0.1 after epoch 10 (recipes/). The demo: 3e-4, times
     # 0.1 after epoch 16 (its 500 training images take ~6 s an epoch on a CPU); chosen on the validation split,
     # where the DSMD student still gained up to epoch 17 (RSUM 208 after 8 epochs, 221 after 17).
     epochs: PosInt = 20

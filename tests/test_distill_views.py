@@ -1,0 +1,139 @@
+"""distill.views: the student's image is the stored view's crop, and "replay" distils that view's teacher row,
+"mismatch" the plain image's row, "off" everything as without views."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from distill_helpers import FIXTURE, World, load, write_params
+
+pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason="beit3-tiny fixture not found")
+
+K = 2
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory) -> World:
+    """The distill tests' shapes world (60 train images), its store with K views of the beit3 fixture."""
+    from pipeline.data.canonical import prepare_dataset
+    from stages.demo.shapes import generate_shapes
+    from stages.extract.run import run_extract
+
+    world = World(tmp_path_factory.mktemp("views-distill"))
+    cfg = load(write_params(world, world.root / "build", {"extract": {"views": K}}))
+    generate_shapes(cfg.demo)
+    prepare_dataset(cfg.data)
+    run_extract(cfg)
+    return world
+
+
+def _parts(world: World, mode: str, order: str = "random", epoch: int = 0):
+    """(PairRows, collate) as a training epoch builds them, without loader workers."""
+    from pipeline.data.canonical import CanonicalDataset
+    from stages.distill.data import PairRows
+    from stages.distill.methods import method_for
+
+    cfg = load(write_params(world, world.root / f"run-{mode}", {"distill": {"views": mode, "view_order": order}}))
+    ds = CanonicalDataset.load(cfg.data.canonical_dir)
+    method = method_for(cfg, ds, in_memory=False)
+    pairs = method.train_pairs(*method.valid())
+    tokenize = lambda texts: {"n": torch.tensor([len(t) for t in texts])}  # noqa: E731
+    rows = PairRows(ds, pairs, _transform, views=method.view_plan(epoch))
+    return ds, method, rows, method.collate(tokenize, workers=0)
+
+
+def _transform(image):
+    from pipeline.models.student import student_transform
+
+    return student_transform(32, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5), train=True)(image)
+
+
+def _batch(world, mode, order="random", epoch=0, n=12):
+    ds, method, rows, collate = _parts(world, mode, order, epoch)
+    items = [rows[i] for i in range(n)]
+    return ds, method, items, collate(items)
+
+
+def test_replay_carries_the_views_teacher_row_and_its_crop(world):
+    from pipeline.data.images import load_rgb
+    from pipeline.data.views import crop_view
+
+    ds, method, items, batch = _batch(world, "replay")
+    reader = method.reader
+    views = batch.views.numpy()
+    assert set(views.tolist()) <= set(range(K))
+    all_rows = reader.get("beit3", "image_view", batch.image_ids.numpy()).reshape(len(views), K, -1)
+    expected = all_rows[np.arange(len(views)), views]
+    torch.testing.assert_close(batch.teacher_image, torch.from_numpy(expected), rtol=0, atol=0)
+    plain = reader.get("beit3", "image", batch.image_ids.numpy())
+    assert np.abs(batch.teacher_image.numpy() - plain).max() > 1e-2, "replay must not use the plain rows"
+    # The student's pixels: the stored box cropped from the raw image, then the student's resize / normalise.
+    boxes = reader.get("beit3", "image_view_box", batch.image_ids.numpy()).reshape(len(views), K, 4)
+    for i in range(3):
+        image = load_rgb(ds.image_path(int(batch.image_ids[i])))
+        want = _transform(crop_view(image, boxes[i, views[i]]))
+        torch.testing.assert_close(batch.pixels[i], want, rtol=0, atol=0)
+
+
+def test_mismatch_crops_the_same_view_but_carries_the_plain_row(world):
+    _, method, _, replay = _batch(world, "replay")
+    _, _, _, mismatch = _batch(world, "mismatch")
+    torch.testing.assert_close(mismatch.pixels, replay.pixels, rtol=0, atol=0)
+    torch.testing.assert_close(mismatch.views, replay.views)
+    plain = method.reader.get("beit3", "image", mismatch.image_ids.numpy())
+    torch.testing.assert_close(mismatch.teacher_image, torch.from_numpy(plain), rtol=0, atol=0)
+    torch.testing.assert_close(mismatch.teacher_text, replay.teacher_text, rtol=0, atol=0)
+
+
+def test_off_is_the_plain_batch_of_before(world):
+    """No views: the items and batch are those of PairRows / PairCollate built as before distill.views."""
+    from pipeline.data.canonical import CanonicalDataset
+    from stages.distill.data import PairCollate, PairRows
+
+    ds, method, items, batch = _batch(world, "off")
+    assert batch.views is None and all(item[4] == -1 for item in items)
+    before = PairRows(CanonicalDataset.load(world.canonical), method.train_pairs(*method.valid()), _transform)
+    old = PairCollate(lambda texts: {"n": torch.tensor([len(t) for t in texts])}, lambda: method.reader, "beit3")
+    reference = old([before[i] for i in range(12)])
+    for name in ("image_ids", "caption_ids", "pixels", "teacher_image", "teacher_text"):
+        torch.testing.assert_close(getattr(batch, name), getattr(reference, name), rtol=0, atol=0)
+
+
+def test_view_order_cycle_and_random(world):
+    from pipeline.data.views import choose_view
+
+    _, _, items0, _ = _batch(world, "replay", "cycle", epoch=0)
+    _, _, items1, _ = _batch(world, "replay", "cycle", epoch=1)
+    assert [item[4] for item in items0] == [item[1] % K for item in items0]
+    assert [item[4] for item in items1] == [(1 + item[1]) % K for item in items1]
+    # random: from (seed, epoch, image id) alone; over epochs every view comes up.
+    drawn = [choose_view("random", 0, epoch, 5, K) for epoch in range(40)]
+    assert drawn == [choose_view("random", 0, epoch, 5, K) for epoch in range(40)]
+    assert set(drawn) == set(range(K))
+    assert drawn != [choose_view("random", 1, epoch, 5, K) for epoch in range(40)]
+
+
+def test_a_short_replay_run_trains_and_validates_plain(world, tmp_path):
+    from stages.distill.train import Trainer
+
+    params = write_params(world, tmp_path, {"distill": {"views": "replay", "epochs": 1}})
+    summary = Trainer(load(params)).train()
+    assert summary["steps"] == 15 and np.isfinite(summary["best_val_rsum"])
+
+
+def test_views_without_stored_views_is_a_one_line_error(world, tmp_path):
+    from pipeline.errors import DsmdError
+    from stages.distill.train import Trainer
+
+    # The oracle teacher of distill_helpers is not in this store; beit3 has views, so take a store without.
+    from stages.extract.run import run_extract
+
+    plain = tmp_path / "plain.zarr"
+    run_extract(load(write_params(world, tmp_path / "x", {"extract": {"store": str(plain)}})))
+    params = write_params(world, tmp_path, {"extract": {"store": str(plain)}, "distill": {"views": "replay"}})
+    with pytest.raises(DsmdError, match="extract.views=K > 0"):
+        Trainer(load(params))
+    supervised = write_params(world, tmp_path / "s", {"distill": {"views": "mismatch", "method": "supervised"}})
+    with pytest.raises(DsmdError, match="distill.views=off"):
+        Trainer(load(supervised))

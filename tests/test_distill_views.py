@@ -114,12 +114,26 @@ def test_view_order_cycle_and_random(world):
     assert drawn != [choose_view("random", 1, epoch, 5, K) for epoch in range(40)]
 
 
-def test_a_short_replay_run_trains_and_validates_plain(world, tmp_path):
-    from stages.distill.train import Trainer
+def test_a_short_replay_run_trains_and_the_report_shows_the_views(world, tmp_path):
+    import json
 
-    params = write_params(world, tmp_path, {"distill": {"views": "replay", "epochs": 1}})
+    from pipeline.config import stage_config
+    from stages.distill.train import Trainer
+    from stages.evaluate.run import run_evaluate
+
+    params = write_params(world, tmp_path, {
+        "distill": {"views": "replay", "epochs": 1},
+        "evaluate": {"out_dir": str(tmp_path / "evaluate"), "ablations": "", "examples": 0},
+    })
     summary = Trainer(load(params)).train()
     assert summary["steps"] == 15 and np.isfinite(summary["best_val_rsum"])
+
+    run_evaluate(stage_config(load(params), "evaluate"))
+    teacher = json.loads((tmp_path / "evaluate" / "metrics.json").read_text())["teacher"]
+    assert teacher["views"] == K
+    assert teacher["view_bytes_per_image"] == 64 * 2 + 16  # float16 row of the 64-wide fixture, float32 box
+    assert teacher["views_extract_seconds"] > 0
+    assert "teacher.views_extract_seconds" in (tmp_path / "evaluate" / "report.md").read_text()
 
 
 def test_views_without_stored_views_is_a_one_line_error(world, tmp_path):

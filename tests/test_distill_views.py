@@ -151,3 +151,41 @@ def test_views_without_stored_views_is_a_one_line_error(world, tmp_path):
     supervised = write_params(world, tmp_path / "s", {"distill": {"views": "mismatch", "method": "supervised"}})
     with pytest.raises(DsmdError, match="distill.views=off"):
         Trainer(load(supervised))
+
+
+def test_mcad_batches_take_every_dual_teachers_view_rows(tmp_path):
+    """MCAD under replay: each dual teacher's image rows are its rows of the items' views; the fused pair rows
+    (not extracted per view) and the text rows stay as stored."""
+    from stages.distill.mcad_data import McadCollate
+    from store import FeatureStore, open_store
+
+    n, dim, k = 4, 4, 2
+    rng = np.random.default_rng(0)
+
+    def unit(*shape):
+        x = rng.standard_normal(shape)
+        return x / np.linalg.norm(x, axis=-1, keepdims=True)
+
+    with FeatureStore.create_or_open(tmp_path / "s.zarr", dataset_fingerprint="f", n_images=n, n_captions=n,
+                                     rows_per_shard=4, rows_per_chunk=4) as store:
+        for name in ("a", "b"):
+            for kind in ("image", "text"):
+                store.ensure_array(name, kind, dim, dtype="float32")
+                store.write_shard(name, kind, 0, unit(n, dim))
+            store.ensure_array(name, "image_view", k * dim, dtype="float32", views=k)
+            store.write_shard(name, "image_view", 0, unit(n, k, dim).reshape(n, k * dim))
+        store.ensure_array("a", "pair", dim, dtype="float32")
+        store.write_shard("a", "pair", 0, unit(n, dim))
+    reader = open_store(tmp_path / "s.zarr")
+    items = [(3, 2, torch.zeros(3, 4, 4), "x", 1), (0, 0, torch.zeros(3, 4, 4), "y", 0)]
+    tokenize = lambda texts: {"n": torch.tensor([len(t) for t in texts])}  # noqa: E731
+    replay = McadCollate(tokenize, lambda: reader, ["a", "b"], "a", views="replay")(items)
+    mismatch = McadCollate(tokenize, lambda: reader, ["a", "b"], "a", views="mismatch")(items)
+    for name in ("a", "b"):
+        rows = reader.get(name, "image_view", [2, 0]).reshape(2, k, dim)
+        np.testing.assert_array_equal(replay.teacher_image[name].numpy(), rows[[0, 1], [1, 0]])
+        np.testing.assert_array_equal(mismatch.teacher_image[name].numpy(), reader.get(name, "image", [2, 0]))
+        np.testing.assert_array_equal(replay.teacher_text[name].numpy(), reader.get(name, "text", [3, 0]))
+    np.testing.assert_array_equal(replay.fused.numpy(), reader.get("a", "pair", [3, 0]))
+    assert replay.views.tolist() == [1, 0] and replay.bad_rows == ()
+    reader.close()

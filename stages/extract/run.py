@@ -159,7 +159,7 @@ def _repair(cfg: Config) -> list[str]:
     shown = ", ".join(f"{d.teacher}/{d.kind} shard {d.shard} ({d.file})" for d in damaged[:_LISTED])
     more = f" and {len(damaged) - _LISTED} more" if len(damaged) > _LISTED else ""
     notes = [f"--repair: redoing {len(damaged)} damaged shard(s): {shown}{more}"]
-    if any(d.kind not in KINDS for d in damaged):
+    if any(d.kind == "pair" for d in damaged):
         notes.append(f"--repair dropped damaged {name}/pair shards: run `dsmd extract-pairs` to write them again")
     return notes
 

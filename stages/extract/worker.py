@@ -272,9 +272,10 @@ class ExtractWorker:
                 local = batch.ids.numpy() - start
                 ok = batch.ok.numpy()
                 if ok.any():
+                    # The crops go through the teacher image_batch_size at a time, as plain images do.
                     encoded = np.concatenate([
-                        _to_numpy(self.teacher.encode_images(batch.pixels[i : i + size * k]))
-                        for i in range(0, len(batch.pixels), size * k)
+                        _to_numpy(self.teacher.encode_images(batch.pixels[i : i + size]))
+                        for i in range(0, len(batch.pixels), size)
                     ])
                     rows[local[ok]] = encoded.reshape(-1, k * dim)
                     boxes[local[ok]] = batch.boxes.numpy().reshape(-1, 4 * k)

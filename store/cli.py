@@ -89,6 +89,13 @@ def info(
             f"{array['skipped_rows']}" + (f" ({reasons})" if reasons else ""),
         )
     console.print(table)
+    for teacher, views in described["views"].items():
+        console.print(
+            f"views of {teacher}: K = {views['views']} per training image, {_size(views['bytes_per_view'])} per "
+            f"view and image (feature row and crop box), {_size(views['bytes_total'])} in all; extracted in "
+            f"{views['extract_seconds']:.1f} s",
+            highlight=False,
+        )
     shown: list[dict] = []
     for array in described["arrays"]:
         if array["provenance"] in shown:

@@ -54,7 +54,8 @@ def convert_store(
         ) as writer:
             for teacher, kind in reader.arrays():
                 attrs = reader.attrs(teacher, kind)
-                writer.ensure_array(teacher, kind, attrs["dim"], attrs["dtype"], attrs["provenance"])
+                writer.ensure_array(teacher, kind, attrs["dim"], attrs["dtype"], attrs["provenance"],
+                                    views=attrs.get("views"), normalisation=attrs.get("normalisation", "l2"))
                 src_done = set(reader.marks(teacher, kind))
                 skipped = reader.skipped(teacher, kind)
                 for shard in writer.pending_shards(teacher, kind):

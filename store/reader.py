@@ -19,7 +19,7 @@ from store.backends import Backend, open_backend
 from store.common import layout_from_root, recorded_dataset_name
 from store.errors import StoreError, corrupt_shard
 from store.integrity import damaged_rows
-from store.layout import Layout, check_kind
+from store.layout import ROW_SPACE, Layout, check_kind
 from store.marks import ShardMark
 from store.numeric import to_float32
 
@@ -139,7 +139,7 @@ class _ArrayRows:
             bad = ids[(ids < 0) | (ids >= self.rows)][0]
             raise StoreError(
                 f"{self.name}: id {bad} is out of range: the store has {self.rows} "
-                f"{'image' if self.kind == 'image' else 'caption'} rows"
+                f"{ROW_SPACE[self.kind]} rows"
             )
         return ids
 

@@ -20,7 +20,7 @@ from store.fsutil import sync_and_hash
 from store.integrity import damaged_rows, rows_sha256
 from store.layout import NORM_TOLERANCE, Layout
 from store.marks import ShardMark
-from store.writer import row_norm_problems
+from store.writer import array_row_problems
 
 _PER_SHARD = 10  # problems listed per shard before summarising
 
@@ -208,7 +208,7 @@ def _check_shard(
         valid[skipped_rows - start] = False
     if int(valid.sum()) != mark.valid_count:
         problems.append(f"mark counts {mark.valid_count} valid rows but lists {len(mark.skipped)} skipped")
-    row_problems = row_norm_problems(rows, valid, start, NORM_TOLERANCE[attrs["dtype"]])
+    row_problems = array_row_problems(rows, valid, start, attrs)
     nonzero_skipped = [start + int(i) for i in np.flatnonzero(~valid & (rows != 0).any(axis=1))]
     row_problems += [f"row {row} is skipped but not a zero vector" for row in nonzero_skipped]
     problems.extend(row_problems[:_PER_SHARD])

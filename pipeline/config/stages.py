@@ -74,6 +74,9 @@ STAGES: dict[str, StageSettings] = {
             "extract.rows_per_shard",
             "extract.rows_per_chunk",
             "extract.splits",
+            "extract.views",
+            "extract.view_min_scale",
+            "extract.view_seed",
         ),
         # The rest of extract: device, batch sizes, workers, threads, Dask (how fast, not what).
         reads=("data.canonical_dir", "extract"),

@@ -256,7 +256,7 @@ class ExtractWorker:
         batch_ids = [ids[i : i + size].tolist() for _, ids, _ in shards for i in range(0, len(ids), size)]
         batches = iter(image_batches(
             batch_ids,
-            self.ds.image_path,
+            self.ds.image_source,
             self.teacher.image_transform,
             workers=ex.loader_workers,
             known_bad=self.known_bad,

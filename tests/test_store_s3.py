@@ -209,3 +209,15 @@ def test_missing_bucket_and_unreachable_endpoint_are_one_line_errors(s3, tmp_pat
     assert line and "cannot reach the object store at http://127.0.0.1:" in line[0]
     assert "AWS_ENDPOINT_URL" in line[0]
     assert time.monotonic() - started < 60
+
+
+def test_two_dask_workers_fill_one_s3_store(s3, world, reference, tmp_path):
+    """Each worker process writes its own whole shards into the bucket; the result is the in-process one."""
+    from stages.extract.run import run_extract
+
+    url = "s3://dsmd/dask/features.zarr"
+    summary = run_extract(load(params_for(world, tmp_path, url, extract={
+        **base_params(world)["extract"], "store": url, "dask_workers": 2})))
+    assert summary.workers == 2 and summary.shards_written == SHARDS
+    assert len(s3_marks(url)) == SHARDS
+    assert_same_contents(read_store(url, world.canonical), reference)

@@ -9,8 +9,8 @@ creates the store before starting them, and one writing command per store at a t
 (there is no writer lease file on S3).
 
 Readers download each shard they touch, whole, into a size-limited local ShardCache (store/remote.py) and map
-it from there, checked against its mark's sha256 first; nothing is kept mapped between batches, so evicted
-files free their space.
+it from there, checked against its mark's sha256 first. A reader keeps its most recent maps open, at most the
+cache's size of them, so that an evicted file's space is freed once its map goes.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+from collections import OrderedDict
 from pathlib import Path
 
 import numpy as np
@@ -47,6 +48,8 @@ class S3ZarrBackend:
             url, read_only=not writable, storage_options={"skip_instance_cache": True, "use_listings_cache": False}
         )
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
+        self._views: OrderedDict[tuple, np.ndarray] = OrderedDict()
+        self._view_bytes = 0
 
     def _key(self, *parts: str) -> str:
         return "/".join([self.path.key, *parts])
@@ -191,6 +194,10 @@ class S3ZarrBackend:
         if mark is None or mark.file_sha256 is None:
             with remote_errors(self.path):
                 return np.asarray(array[start:stop])
+        key = (teacher, kind, shard, mark.file_sha256)
+        if key in self._views:
+            self._views.move_to_end(key)
+            return self._views[key]
         local = self.local_copy(teacher, kind, shard, mark)
         try:
             offset = _contiguous_offset(local, local.stat().st_size, array, stop - start)
@@ -200,8 +207,19 @@ class S3ZarrBackend:
         if offset is None:
             with remote_errors(self.path):
                 return np.asarray(array[start:stop])
-        return np.memmap(local, dtype=array.dtype.newbyteorder("<"), mode="r", offset=offset,
+        view = np.memmap(local, dtype=array.dtype.newbyteorder("<"), mode="r", offset=offset,
                          shape=(stop - start, array.shape[1]))
+        self._keep(key, view)
+        return view
+
+    def _keep(self, key: tuple, view: np.ndarray) -> None:
+        """Keep recent maps open (a batch then costs what it costs locally), but no more bytes of them than the
+        cache may hold: a map keeps its file's space in use even after the cache has deleted the file."""
+        self._views[key] = view
+        self._view_bytes += view.nbytes
+        while self._view_bytes > self.cache.max_bytes and len(self._views) > 1:
+            _, old = self._views.popitem(last=False)
+            self._view_bytes -= old.nbytes
 
     def file_digest(self, teacher: str, kind: str, shard: int) -> tuple[str, int] | None:
         """sha256 and size of the stored shard object (None when it is missing), for `dsmd store verify`."""
@@ -224,3 +242,5 @@ class S3ZarrBackend:
 
     def close(self) -> None:
         self._arrays.clear()
+        self._views.clear()
+        self._view_bytes = 0

@@ -132,6 +132,11 @@ class ExtractConfig:
     dask_workers: NonNegInt = 0
     dask_scheduler: str = ""
     splits: Names = field(default_factory=lambda: ["train", "val", "test"])
+    # s3:// stores only: where distill and evaluate keep the shards they download ("" = ~/.cache/dsmd/store-cache,
+    # under $XDG_CACHE_HOME when set), and at most how many GiB of them (least recently used go first).
+    # Local stores are read in place and ignore both.
+    cache_dir: str = ""
+    cache_gb: PosFloat = 8.0
 
 
 @dataclass

@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import zarr
 import zarr.storage
+from zarr.errors import ContainsArrayError
 
 from store.errors import StoreCorruptError, StoreError, corrupt_shard
 from store.layout import KINDS, Layout
@@ -101,13 +102,15 @@ class S3ZarrBackend:
         return (json.loads(raw).get("attributes") or {}).get(ARRAY_KEY)
 
     def create_array(self, teacher: str, kind: str, rows: int, dim: int, dtype: str, layout: Layout, attrs: dict):
-        with remote_errors(self.path):
+        # Never overwrite: that would delete the shards a concurrent worker (Dask) has written meanwhile. Two
+        # workers that both found no array both write its metadata; the copies differ only in created_at.
+        with remote_errors(self.path), contextlib.suppress(ContainsArrayError):
             zarr.create_array(
                 store=self._zstore, name=f"{teacher}/{kind}", shape=(rows, dim),
                 chunks=(layout.rows_per_chunk, dim), shards=(layout.rows_per_shard, dim), dtype=dtype,
                 fill_value=0, compressors=None, filters=None,
                 chunk_key_encoding={"name": "default", "separator": "/"}, attributes={ARRAY_KEY: attrs},
-                config=_WRITE_CONFIG, overwrite=True,
+                config=_WRITE_CONFIG,
             )
 
     def _array(self, teacher: str, kind: str) -> zarr.Array:
@@ -237,7 +240,21 @@ class S3ZarrBackend:
         return self._cat("zarr.json") is not None
 
     def delete(self) -> None:
+        """Delete the store's objects, refusing (by name) a prefix that also holds objects no store holds."""
         with remote_errors(self.path):
+            foreign = []
+            for entry in self.fs.ls(self.path.key, detail=True):
+                name = entry["name"].rsplit("/", 1)[-1]
+                if entry["type"] != "directory":
+                    if name != "zarr.json":
+                        foreign.append(name)
+                elif not all(sub.rsplit("/", 1)[-1] in (*KINDS, "zarr.json")
+                             for sub in self.fs.ls(entry["name"], detail=False)):
+                    foreign.append(name)
+            if foreign:
+                shown = ", ".join(sorted(foreign)[:5])
+                raise StoreError(f"{self.path} is a dsmd feature store but also holds {shown}, which no store holds: "
+                                 "not deleting it; move those objects away or point the store elsewhere")
             self.fs.rm(self.path.key, recursive=True)
 
     def close(self) -> None:

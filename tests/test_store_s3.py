@@ -221,3 +221,41 @@ def test_two_dask_workers_fill_one_s3_store(s3, world, reference, tmp_path):
     assert summary.workers == 2 and summary.shards_written == SHARDS
     assert len(s3_marks(url)) == SHARDS
     assert_same_contents(read_store(url, world.canonical), reference)
+
+
+def test_convert_copies_an_s3_store_to_a_local_hdf5_file_exactly(s3_store, world, reference, tmp_path):
+    from store.convert import convert_store
+    from store.errors import StoreError
+    from store.extras import list_extras
+
+    url, _ = s3_store
+    summary = convert_store(url, tmp_path / "features.h5")
+    assert summary.backend == "hdf5" and summary.shards_written == SHARDS
+    assert_same_contents(read_store(tmp_path / "features.h5", world.canonical), reference)
+    with pytest.raises(StoreError, match="extras .* live only beside local stores"):
+        list_extras(url)
+
+
+def test_deleting_an_s3_store_refuses_foreign_objects_then_removes_only_the_store(s3):
+    import s3fs
+
+    from store.backends import delete_store, store_exists
+    from store.errors import StoreError
+    from store.testing import fill, unit_rows
+    from store.writer import FeatureStore
+
+    url = "s3://dsmd/deleted/features.zarr"
+    with FeatureStore.create_or_open(url, dataset_fingerprint="fp", n_images=20, n_captions=4, rows_per_shard=8,
+                                     rows_per_chunk=8) as store:
+        store.ensure_array("t", "image", 8)
+        fill(store, "t", "image", unit_rows(20, 8))
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    fs.pipe_file("dsmd/deleted/features.zarr/notes.txt", b"mine")
+    fs.pipe_file("dsmd/deleted/neighbour.txt", b"not the store's")
+    with pytest.raises(StoreError, match="also holds notes.txt, which no store holds: not deleting it"):
+        delete_store(url)
+    assert store_exists(url)
+    fs.rm_file("dsmd/deleted/features.zarr/notes.txt")
+    delete_store(url)
+    assert not store_exists(url)
+    assert fs.cat_file("dsmd/deleted/neighbour.txt") == b"not the store's"

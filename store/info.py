@@ -6,12 +6,13 @@ from collections import Counter
 from pathlib import Path
 
 from store.reader import open_store
+from store.remote import store_location
 
 
 def store_info(path: str | Path) -> dict:
     """A JSON-ready description: store-wide facts, and per array its shape, dtype, shards complete/total,
     valid and skipped rows (with reasons counted) and the teacher's provenance."""
-    path = Path(path)
+    path = store_location(path)
     with open_store(path) as reader:
         size = reader.size_on_disk()
         arrays = []

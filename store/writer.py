@@ -37,6 +37,7 @@ from store.layout import (
 )
 from store.marks import ShardMark
 from store.numeric import to_float32
+from store.remote import store_location
 
 _LIST_AT_MOST = 10
 
@@ -70,7 +71,7 @@ class FeatureStore:
         Safe to call from several processes at once with the same arguments: one creates, the others open.
         `backend` is "zarr", "hdf5" or "auto" (an existing store's kind, else .h5/.hdf5 -> hdf5, else zarr).
         """
-        path = Path(path)
+        path = store_location(path)
         layout = Layout(n_images, n_captions, rows_per_shard, rows_per_chunk)
         if not isinstance(dataset_fingerprint, str) or not dataset_fingerprint:
             raise StoreError("create_or_open needs the dataset fingerprint (dataset.json 'fingerprint')")

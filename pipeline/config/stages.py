@@ -81,10 +81,13 @@ STAGES: dict[str, StageSettings] = {
         # The rest of extract: device, batch sizes, workers, threads, Dask (how fast, not what).
         reads=("data.canonical_dir", "extract"),
     ),
-    "distill": StageSettings(params=("student", "distill"), reads=("data.canonical_dir", "extract.store")),
+    "distill": StageSettings(
+        params=("student", "distill"),
+        reads=("data.canonical_dir", "extract.store", "extract.cache_dir", "extract.cache_gb"),
+    ),
     "evaluate": StageSettings(
         params=("evaluate", "distill.teacher"),
-        reads=("data.canonical_dir", "extract.store", "distill.out_dir"),
+        reads=("data.canonical_dir", "extract.store", "extract.cache_dir", "extract.cache_gb", "distill.out_dir"),
     ),
 }
 

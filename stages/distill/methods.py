@@ -40,12 +40,18 @@ Gather = Callable[[torch.Tensor], torch.Tensor]
 class _OpenReader:
     """Opens the store inside a loader worker (a reader is opened per process, never shared)."""
 
-    def __init__(self, path: str, fingerprint: str, teacher: str, in_memory: bool):
+    def __init__(self, path: str, fingerprint: str, teacher: str, in_memory: bool, cache: dict | None = None):
         self.args = (path, fingerprint, teacher, in_memory)
+        self.cache = cache or {}
 
     def __call__(self):
         path, fingerprint, teacher, in_memory = self.args
-        return open_store(path, dataset_fingerprint=fingerprint, teacher=teacher, in_memory=in_memory)
+        return open_store(path, dataset_fingerprint=fingerprint, teacher=teacher, in_memory=in_memory, **self.cache)
+
+
+def reader_cache(cfg: Config) -> dict:
+    """open_store's local shard cache for an s3:// store (extract.cache_dir, extract.cache_gb)."""
+    return {"cache_dir": cfg.extract.cache_dir or None, "cache_bytes": int(cfg.extract.cache_gb * 2**30)}
 
 
 class _SameReader:
@@ -84,7 +90,8 @@ class DsmdMethod:
 
     def _open_reader(self, in_memory: bool):
         return open_store(
-            self.cfg.extract.store, dataset_fingerprint=self.ds.fingerprint, teacher=self.teacher, in_memory=in_memory
+            self.cfg.extract.store, dataset_fingerprint=self.ds.fingerprint, teacher=self.teacher, in_memory=in_memory,
+            **reader_cache(self.cfg),
         )
 
     def dim(self) -> int:
@@ -121,7 +128,8 @@ class DsmdMethod:
 
     def _worker_reader(self):
         dc = self.cfg.distill
-        return _OpenReader(self.cfg.extract.store, self.ds.fingerprint, self.teacher, dc.load_store_in_ram)
+        return _OpenReader(self.cfg.extract.store, self.ds.fingerprint, self.teacher, dc.load_store_in_ram,
+                           reader_cache(self.cfg))
 
     def collate(self, tokenize: Callable, workers: int):
         open_reader = self._worker_reader() if workers > 0 else _SameReader(self.reader)

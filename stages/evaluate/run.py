@@ -137,7 +137,8 @@ def run_evaluate(cfg: Config) -> dict:
             f"{student_dir} was trained on another dataset (fingerprint {card['dataset']['fingerprint']}); "
             f"this dataset is {ds.fingerprint}"
         )
-    reader = open_store(cfg.extract.store, dataset_fingerprint=ds.fingerprint, teacher=teacher_name)
+    reader = open_store(cfg.extract.store, dataset_fingerprint=ds.fingerprint, teacher=teacher_name,
+                        cache_dir=cfg.extract.cache_dir or None, cache_bytes=int(cfg.extract.cache_gb * 2**30))
     provenance = student_provenance(student_dir)  # before loading: the digest is of the weights read here
     student = load_student(student_dir, map_location=device)
 

@@ -28,7 +28,7 @@ from stages.extract.plan import (
     selected_rows,
 )
 from store import FeatureStore
-from store.backends import delete_store, writer_lease
+from store.backends import delete_store, store_exists, writer_lease
 from store.errors import StoreError, StoreMismatchError
 
 _LISTED = 20  # skipped images named in the summary; the rest are in `dsmd store info`
@@ -81,7 +81,7 @@ def run_extract(cfg: Config, *, replace_stale: bool = False, repair: bool = Fals
     drop the shards of this teacher that `dsmd store verify` flags as damaged, so that exactly those are
     written again."""
     _check_ready(cfg)
-    with writer_lease(Path(cfg.extract.store), "dsmd extract"):
+    with writer_lease(cfg.extract.store, "dsmd extract"):
         return _extract_one(cfg, replace_stale=replace_stale, repair=repair)
 
 
@@ -96,7 +96,7 @@ def _extract_one(cfg: Config, *, replace_stale: bool, repair: bool) -> ExtractSu
             raise
         console.print(f"[yellow]{escape(str(exc))}[/yellow]")
         console.print(f"--replace-stale: deleting {cfg.extract.store} and starting over", highlight=False)
-        delete_store(Path(cfg.extract.store))  # refuses, by name, anything that is not a dsmd store
+        delete_store(cfg.extract.store)  # refuses, by name, anything that is not a dsmd store
         repaired = []
         summary = run(cfg)
         summary.replaced_store = True
@@ -117,7 +117,7 @@ def run_extract_all(cfg: Config, *, replace_stale: bool = False, repair: bool = 
             "needs its own name in the store"
         )
     _check_ready(cfg)
-    with writer_lease(Path(cfg.extract.store), "dsmd extract"):  # one lease for all teachers
+    with writer_lease(cfg.extract.store, "dsmd extract"):  # one lease for all teachers
         return _extract_all(cfg, teachers, replace_stale=replace_stale, repair=repair)
 
 
@@ -138,8 +138,8 @@ def _repair(cfg: Config) -> list[str]:
     the run then writes exactly those again. Returns notes for the summary."""
     from store.verify import verify_store
 
-    path, name = Path(cfg.extract.store), cfg.teacher.name
-    if not path.exists():
+    path, name = cfg.extract.store, cfg.teacher.name
+    if not store_exists(path):
         return []
     report = verify_store(path, teachers=[name])
     if report.store_problems and report.store_problems[0].endswith("no feature store metadata"):

@@ -90,7 +90,7 @@ COMMANDS_GROUP = "dsmd.commands"
 # environment, and keeps its traceback.
 OPTIONAL_MODULES = frozenset({
     "torch", "torchvision", "pyarrow", "dask", "distributed", "timm", "transformers", "safetensors",
-    "sentencepiece", "faiss", "onnx", "onnxscript", "matplotlib", "dvc",
+    "sentencepiece", "faiss", "onnx", "onnxscript", "matplotlib", "dvc", "s3fs",
 })
 INSTALL_ALL = "pip install 'dsmd[all]'"
 

@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Union
 from store.errors import StoreError
 from store.fsutil import WriterLease
 from store.hdf5_backend import Hdf5Backend
+from store.remote import ShardCache, StoreUrl, store_location
 
 if TYPE_CHECKING:
     from store.zarr_backend import ZarrBackend
@@ -28,9 +29,14 @@ _HDF5_SIGNATURE = b"\x89HDF\r\n\x1a\n"
 Backend = Union["ZarrBackend", Hdf5Backend]
 
 
-def detect_backend(path: Path, backend: str = "auto") -> str:
+def detect_backend(path: Path | StoreUrl, backend: str = "auto") -> str:
     if backend not in ("auto", *BACKENDS):
         raise StoreError(f"unknown store backend {backend!r}: use zarr, hdf5 or auto")
+    if isinstance(path, StoreUrl):
+        if backend == "hdf5" or path.suffix.lower() in HDF5_SUFFIXES:
+            raise StoreError(f"{path}: HDF5 stores cannot live on object storage; use the zarr backend there "
+                             "(extract.backend=zarr and a store URL without .h5), or a local path for HDF5")
+        return "zarr"
     found = _existing_backend(path)
     if found is not None:
         if backend not in ("auto", found):
@@ -55,8 +61,15 @@ def _existing_backend(path: Path) -> str | None:
     return None
 
 
-def open_backend(path: Path, backend: str, *, writable: bool) -> Backend:
+def open_backend(path: Path | StoreUrl, backend: str, *, writable: bool, cache: ShardCache | None = None) -> Backend:
     kind = detect_backend(path, backend)
+    if isinstance(path, StoreUrl):
+        from store.s3_backend import S3ZarrBackend
+
+        remote = S3ZarrBackend(path, writable=writable, cache=cache)
+        if not writable and not remote.exists():
+            raise StoreError(f"{path}: no feature store there; run dsmd extract to make it (or check extract.store)")
+        return remote
     if not writable and not path.exists():
         raise StoreError(f"{path}: no feature store there; run dsmd extract to make it (or check extract.store)")
     if kind == "hdf5":
@@ -70,9 +83,10 @@ def open_backend(path: Path, backend: str, *, writable: bool) -> Backend:
 def writer_lease(path: Path, command: str) -> Iterator[None]:
     """Hold the store at `path` (existing or about to be made) for one writing `command`, e.g. "dsmd extract":
     a second command gets StoreBusyError naming the first. Processes the holder starts (Dask workers) write
-    without it. HDF5 needs no lease: its one writer locks the file."""
-    path = Path(path)
-    if detect_backend(path) == "hdf5":
+    without it. HDF5 needs no lease: its one writer locks the file. An S3 store has none either (object stores
+    have no locks): keep to one writing command per store there."""
+    path = store_location(path)
+    if isinstance(path, StoreUrl) or detect_backend(path) == "hdf5":
         yield
         return
     from store.zarr_backend import LEASE_FILE, LOCK_FILES, refuse_foreign_folder
@@ -94,11 +108,29 @@ def writer_lease(path: Path, command: str) -> Iterator[None]:
                     path.rmdir()
 
 
+def store_exists(path: str | Path) -> bool:
+    """Whether a dsmd store (its root metadata at least) is at the path or URL."""
+    path = store_location(path)
+    if isinstance(path, StoreUrl):
+        from store.s3_backend import S3ZarrBackend
+
+        return S3ZarrBackend(path, writable=False).exists()
+    return path.exists()
+
+
 def delete_store(path: Path) -> None:
     """Delete the dsmd store at `path` (an HDF5 store's extras beside it too). Anything that is not a dsmd store,
     or a store directory holding foreign files, is refused by name and left alone. A held writer lease file
     stays, so that the command holding it keeps the store while it rebuilds it."""
-    path = Path(path)
+    path = store_location(path)
+    if isinstance(path, StoreUrl):
+        from store.s3_backend import S3ZarrBackend
+
+        remote = S3ZarrBackend(path, writable=True)
+        if remote.exists():
+            remote.read_root()  # refuses a zarr group that is not a dsmd store
+            remote.delete()
+        return
     if path.is_dir():
         from store.zarr_backend import LEASE_FILE, folder_problem
 

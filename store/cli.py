@@ -10,6 +10,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from store.errors import StoreError
+from store.remote import StoreUrl, store_location
 
 # store/ stands alone (no pipeline import), so it keeps its own console, on stderr like the rest of dsmd's output.
 console = Console(stderr=True)
@@ -34,16 +35,16 @@ def make_progress() -> Progress:
     )
 
 
-def _store_path(ctx: typer.Context, path: Path | None) -> Path:
+def _store_path(ctx: typer.Context, path: str | None) -> Path | StoreUrl:
     """The PATH argument, else the configured extract.store: the root command hands a settings lookup down in
     its context (``obj["setting"]``), which keeps this module free of the configuration code."""
     if path is not None:
-        return path
+        return store_location(path)
     root = ctx.find_root().obj
     setting = root.get("setting") if isinstance(root, dict) else None
     if setting is None:
         raise StoreError("no store path given and no settings to take extract.store from; pass the store path")
-    return Path(setting("extract.store"))
+    return store_location(setting("extract.store"))
 
 
 def _size(n: int) -> str:
@@ -57,7 +58,7 @@ def _size(n: int) -> str:
 @store_app.command("info")
 def info(
     ctx: typer.Context,
-    path: Path | None = typer.Argument(None, help="Store path (default: extract.store)."),
+    path: str | None = typer.Argument(None, help="Store path or s3:// URL (default: extract.store)."),
     as_json: bool = typer.Option(False, "--json", help="Print everything as JSON on stdout."),
 ) -> None:
     """Teachers, arrays (shape, dtype, shards complete/total, skipped rows), provenance, size on disk."""
@@ -89,6 +90,13 @@ def info(
             f"{array['skipped_rows']}" + (f" ({reasons})" if reasons else ""),
         )
     console.print(table)
+    for teacher, views in described["views"].items():
+        console.print(
+            f"views of {teacher}: K = {views['views']} per training image, {_size(views['bytes_per_view'])} per "
+            f"view and image (feature row and crop box), {_size(views['bytes_total'])} in all; extracted in "
+            f"{views['extract_seconds']:.1f} s",
+            highlight=False,
+        )
     shown: list[dict] = []
     for array in described["arrays"]:
         if array["provenance"] in shown:
@@ -102,7 +110,7 @@ def info(
 @store_app.command("verify")
 def verify(
     ctx: typer.Context,
-    path: Path | None = typer.Argument(None, help="Store path (default: extract.store)."),
+    path: str | None = typer.Argument(None, help="Store path or s3:// URL (default: extract.store)."),
     dataset: Path | None = typer.Option(None, "--dataset", help="Canonical dataset dir to match fingerprints."),
 ) -> None:
     """Check every shard: completion mark, checksums, finite unit-norm rows, dataset fingerprint."""
@@ -149,8 +157,8 @@ def verify(
 
 @store_app.command("convert")
 def convert(
-    src: Path = typer.Argument(..., help="Existing store (.zarr directory or .h5 file)."),
-    dst: Path = typer.Argument(..., help="New store; its suffix picks the backend (.h5/.hdf5: HDF5, else zarr)."),
+    src: str = typer.Argument(..., help="Existing store (.zarr directory, .h5 file or s3:// URL)."),
+    dst: str = typer.Argument(..., help="New store; its suffix picks the backend (.h5/.hdf5: HDF5, else zarr)."),
     backend: str = typer.Option("auto", help="auto | zarr | hdf5."),
     rows_per_shard: int | None = typer.Option(None, help="Shard size of the copy (default: the source's)."),
 ) -> None:

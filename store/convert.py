@@ -15,6 +15,7 @@ import numpy as np
 from store.backends import detect_backend, writer_lease
 from store.errors import StoreError
 from store.reader import open_store
+from store.remote import StoreUrl, store_location
 from store.writer import FeatureStore
 
 
@@ -35,8 +36,8 @@ def convert_store(
     rows_per_chunk: int | None = None,
     on_shard: Callable[[str, str, int], None] | None = None,
 ) -> ConvertSummary:
-    src, dst = Path(src), Path(dst)
-    if src.resolve() == dst.resolve():
+    src, dst = store_location(src), store_location(dst)
+    if _resolved(src) == _resolved(dst):
         raise StoreError(f"convert: source and destination are the same path ({src})")
     dst_backend = detect_backend(dst, backend)
     written = left = 0
@@ -54,7 +55,8 @@ def convert_store(
         ) as writer:
             for teacher, kind in reader.arrays():
                 attrs = reader.attrs(teacher, kind)
-                writer.ensure_array(teacher, kind, attrs["dim"], attrs["dtype"], attrs["provenance"])
+                writer.ensure_array(teacher, kind, attrs["dim"], attrs["dtype"], attrs["provenance"],
+                                    views=attrs.get("views"), normalisation=attrs.get("normalisation", "l2"))
                 src_done = set(reader.marks(teacher, kind))
                 skipped = reader.skipped(teacher, kind)
                 for shard in writer.pending_shards(teacher, kind):
@@ -71,6 +73,10 @@ def convert_store(
                     if on_shard is not None:
                         on_shard(teacher, kind, shard)
             return ConvertSummary(writer.backend, len(reader.arrays()), written, left)
+
+
+def _resolved(path: Path | StoreUrl) -> str:
+    return str(path) if isinstance(path, StoreUrl) else str(path.resolve())
 
 
 def _check_same_rows(reader, teacher: str, kind: str, mark, src_rows_per_shard: int, dst: Path) -> None:

@@ -22,6 +22,7 @@ import numpy as np
 
 from store.errors import StoreCorruptError, StoreError
 from store.fsutil import disk_full_as_store_error, fsync_dir, removed_on_error
+from store.remote import is_remote
 
 __all__ = ["Extra", "extras_dir", "put_extra", "get_extra", "has_extra", "list_extras"]
 
@@ -51,6 +52,9 @@ def _store_exists(path: Path) -> bool:
 
 def extras_dir(store_path: str | Path) -> Path:
     """Where the extras of the store at `store_path` live (see the module docstring)."""
+    if is_remote(store_path):
+        raise StoreError(f"{store_path}: store extras (the MCAD alignment maps) live only beside local stores; "
+                         "use a local extract.store for MCAD runs")
     path = Path(store_path)
     if path.is_dir():
         return path / "_extras"
@@ -70,6 +74,7 @@ def put_extra(
     store_path: str | Path, name: str, value: np.ndarray, *, dataset_fingerprint: str, provenance: dict | None = None
 ) -> Path:
     """Write (or replace) the extra `name` of the store at `store_path`; returns the file written."""
+    extras_dir(store_path)  # refuses an s3:// store before anything else
     path = Path(store_path)
     if not _store_exists(path):
         raise StoreError(f"{path}: no feature store there; run dsmd extract first, then add extras to it")

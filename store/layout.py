@@ -9,8 +9,11 @@ from store.errors import StoreError
 
 SCHEMA_VERSION = 1
 # Each kind lives in one row space; rows are canonical dataset ids (row i = id i).
-KINDS = ("image", "text", "pair")
-ROW_SPACE = {"image": "image", "text": "caption", "pair": "caption"}
+# image_view: K teacher rows per image (K x D side by side, each unit norm: the array's "views" attribute is K);
+# image_view_box: the K crop boxes (x0, y0, x1, y1 in the image's pixels) those rows were encoded from, float32,
+# not normalised (its "normalisation" attribute is "none").
+KINDS = ("image", "text", "pair", "image_view", "image_view_box")
+ROW_SPACE = {"image": "image", "text": "caption", "pair": "caption", "image_view": "image", "image_view_box": "image"}
 DTYPES = ("float16", "float32")
 # Largest |norm - 1| accepted for a valid row. float16 keeps 11 significant bits: rounding each element of a
 # unit vector moves its norm by up to ~5e-4, so 2e-3 leaves room without letting unnormalised rows through.

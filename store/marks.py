@@ -34,6 +34,8 @@ class ShardMark:
     # the first time they touch it at ~10 GB/s and can name the damaged rows. None in marks made before them.
     block_rows: int | None = None
     block_crc32c: list[int] | None = None
+    # Seconds the writer spent making the shard's rows, when it says (the extract stage does for views).
+    seconds: float | None = None
 
     def to_json(self) -> str:
         body = {
@@ -55,6 +57,8 @@ class ShardMark:
             "block_rows": self.block_rows,
             "block_crc32c": self.block_crc32c,
         }
+        if self.seconds is not None:  # absent otherwise, so that marks without it read as before
+            body["seconds"] = self.seconds
         return json.dumps(body, indent=1)
 
     @classmethod
@@ -81,6 +85,7 @@ class ShardMark:
                 written_at=str(body.get("written_at", "")),
                 block_rows=None if body.get("block_rows") is None else int(body["block_rows"]),
                 block_crc32c=None if body.get("block_crc32c") is None else [int(c) for c in body["block_crc32c"]],
+                seconds=None if body.get("seconds") is None else float(body["seconds"]),
             )
         except (ValueError, KeyError, TypeError, AttributeError) as exc:
             raise StoreCorruptError(

@@ -19,9 +19,10 @@ from store.backends import Backend, open_backend
 from store.common import layout_from_root, recorded_dataset_name
 from store.errors import StoreError, corrupt_shard
 from store.integrity import damaged_rows
-from store.layout import Layout, check_kind
+from store.layout import ROW_SPACE, Layout, check_kind
 from store.marks import ShardMark
 from store.numeric import to_float32
+from store.remote import ShardCache, store_location
 
 
 class _ArrayRows:
@@ -127,7 +128,8 @@ class _ArrayRows:
                 view = self._whole[start:stop]
             else:
                 view = self._backend.shard_view(self.teacher, self.kind, shard, start, stop, self.marks[shard])
-            self._views[shard] = view
+            if getattr(self._backend, "keeps_views", True):
+                self._views[shard] = view  # remote shards are mapped per batch: the cache may evict them
         return view
 
     def check_ids(self, ids: object) -> np.ndarray:
@@ -139,7 +141,7 @@ class _ArrayRows:
             bad = ids[(ids < 0) | (ids >= self.rows)][0]
             raise StoreError(
                 f"{self.name}: id {bad} is out of range: the store has {self.rows} "
-                f"{'image' if self.kind == 'image' else 'caption'} rows"
+                f"{ROW_SPACE[self.kind]} rows"
             )
         return ids
 
@@ -328,7 +330,9 @@ class StoreReader:
     def __reduce__(self):
         # Maps and file handles do not travel: a copy sent to another process (e.g. a spawned data-loader
         # worker) opens the store again, and loads the same arrays into its own RAM.
-        return _reopen, (self.path, self._backend.name, sorted(self._in_ram))
+        cache = getattr(self._backend, "cache", None)
+        cache_args = (None, None) if cache is None else (str(cache.directory), cache.max_bytes)
+        return _reopen, (str(self.path), self._backend.name, sorted(self._in_ram), *cache_args)
 
     def nbytes(self, teachers: Sequence[str] | None = None, kinds: Sequence[str] | None = None) -> int:
         """RAM that load_all would take for these arrays."""
@@ -362,15 +366,19 @@ def open_store(
     kinds: Sequence[str] = ("image", "text"),
     in_memory: bool = False,
     backend: str = "auto",
+    cache_dir: str | Path | None = None,
+    cache_bytes: int | None = None,
 ) -> StoreReader:
     """Open a store for reading and check it is the one the caller needs.
 
     dataset_fingerprint: refuse a store made for another dataset. teacher (one name or several): refuse a
     store without these teachers' `kinds` arrays. dim: refuse arrays of another dimension. in_memory: load
-    the checked arrays (all arrays when no teacher is given) into RAM.
+    the checked arrays (all arrays when no teacher is given) into RAM. cache_dir, cache_bytes: where and how
+    much of an s3:// store's shards are kept on local disk (default ~/.cache/dsmd/store-cache, 8 GiB).
     """
-    path = Path(path)
-    store_backend = open_backend(path, backend, writable=False)
+    path = store_location(path)
+    cache = ShardCache(cache_dir, cache_bytes) if not isinstance(path, Path) else None
+    store_backend = open_backend(path, backend, writable=False, cache=cache)
     try:
         root = store_backend.read_root()
         if root is None:
@@ -386,8 +394,9 @@ def open_store(
     return reader
 
 
-def _reopen(path: Path, backend: str, in_ram: list[tuple[str, str]]) -> StoreReader:
-    reader = open_store(path, backend=backend)
+def _reopen(path: str, backend: str, in_ram: list[tuple[str, str]], cache_dir: str | None = None,
+            cache_bytes: int | None = None) -> StoreReader:
+    reader = open_store(path, backend=backend, cache_dir=cache_dir, cache_bytes=cache_bytes)
     for teacher, kind in in_ram:
         reader.load_all([teacher], [kind])
     return reader

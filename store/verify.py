@@ -20,7 +20,8 @@ from store.fsutil import sync_and_hash
 from store.integrity import damaged_rows, rows_sha256
 from store.layout import NORM_TOLERANCE, Layout
 from store.marks import ShardMark
-from store.writer import row_norm_problems
+from store.remote import store_location
+from store.writer import array_row_problems
 
 _PER_SHARD = 10  # problems listed per shard before summarising
 
@@ -88,7 +89,7 @@ def verify_store(
 ) -> VerifyReport:
     """Check the store (only these teachers' arrays, if given); every problem found is listed in the report
     (nothing is raised for damage)."""
-    path = Path(path)
+    path = store_location(path)
     report = VerifyReport(path)
     backend = open_backend(path, "auto", writable=False)
     try:
@@ -181,7 +182,14 @@ def _check_shard(
     if expected != (shard, start, stop, attrs["dtype"], attrs["dim"], teacher, kind):
         problems.append(f"completion mark describes another shard: {expected}")
         return problems
-    if backend.name == "zarr":
+    if getattr(backend, "remote", False):
+        digest = backend.file_digest(teacher, kind, shard)
+        if digest is None:
+            return [f"shard object {backend.shard_file(teacher, kind, shard)} is missing although the shard is marked "
+                    "complete"]
+        if digest != (mark.file_sha256, mark.file_size):
+            problems.append("shard object does not match its mark's sha256 (damaged or replaced)")
+    elif backend.name == "zarr":
         shard_file = backend.shard_file(teacher, kind, shard)
         if not shard_file.is_file():
             return [f"shard file {shard_file} is missing although the shard is marked complete"]
@@ -208,7 +216,7 @@ def _check_shard(
         valid[skipped_rows - start] = False
     if int(valid.sum()) != mark.valid_count:
         problems.append(f"mark counts {mark.valid_count} valid rows but lists {len(mark.skipped)} skipped")
-    row_problems = row_norm_problems(rows, valid, start, NORM_TOLERANCE[attrs["dtype"]])
+    row_problems = array_row_problems(rows, valid, start, attrs)
     nonzero_skipped = [start + int(i) for i in np.flatnonzero(~valid & (rows != 0).any(axis=1))]
     row_problems += [f"row {row} is skipped but not a zero vector" for row in nonzero_skipped]
     problems.extend(row_problems[:_PER_SHARD])

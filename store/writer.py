@@ -37,6 +37,7 @@ from store.layout import (
 )
 from store.marks import ShardMark
 from store.numeric import to_float32
+from store.remote import store_location
 
 _LIST_AT_MOST = 10
 
@@ -70,7 +71,7 @@ class FeatureStore:
         Safe to call from several processes at once with the same arguments: one creates, the others open.
         `backend` is "zarr", "hdf5" or "auto" (an existing store's kind, else .h5/.hdf5 -> hdf5, else zarr).
         """
-        path = Path(path)
+        path = store_location(path)
         layout = Layout(n_images, n_captions, rows_per_shard, rows_per_chunk)
         if not isinstance(dataset_fingerprint, str) or not dataset_fingerprint:
             raise StoreError("create_or_open needs the dataset fingerprint (dataset.json 'fingerprint')")
@@ -117,19 +118,33 @@ class FeatureStore:
 
     # -- arrays -------------------------------------------------------------------------------------
     def ensure_array(
-        self, teacher: str, kind: str, dim: int, dtype: str = "float16", provenance: dict | None = None
+        self,
+        teacher: str,
+        kind: str,
+        dim: int,
+        dtype: str = "float16",
+        provenance: dict | None = None,
+        *,
+        views: int | None = None,
+        normalisation: str = "l2",
     ) -> None:
         """Create `<teacher>/<kind>` (rows of its row space x dim) or check that the existing one matches.
 
         `provenance` is the caller's record of how the features are made (teacher config, checkpoint and
         tokenizer sha256, preprocessing, dsmd version...). On an existing array it must match, apart from
         volatile keys such as dsmd_version or host (see layout.VOLATILE_PROVENANCE_KEYS).
+        `views`: a row holds this many unit vectors of dim // views side by side (image_view); each is checked
+        on its own. `normalisation`: "l2", or "none" for values that are not features (image_view_box).
         """
         check_teacher(teacher)
         check_kind(kind)
         dtype = check_dtype(dtype)
         if isinstance(dim, bool) or not isinstance(dim, int) or dim < 1:
             raise StoreError(f"{teacher}/{kind}: dim must be a positive integer, got {dim!r}")
+        if views is not None and (isinstance(views, bool) or not isinstance(views, int) or views < 1 or dim % views):
+            raise StoreError(f"{teacher}/{kind}: views must be a positive integer dividing dim {dim}, got {views!r}")
+        if normalisation not in ("l2", "none"):
+            raise StoreError(f"{teacher}/{kind}: normalisation must be 'l2' or 'none', got {normalisation!r}")
         provenance = json_data(provenance or {}, f"provenance of {teacher}/{kind}")
         array_file = self.path / teacher / kind if self.backend == "zarr" else self.path
         with self._backend.metadata_lock(), disk_full_as_store_error(array_file):
@@ -142,15 +157,22 @@ class FeatureStore:
                     "rows": self.layout.rows(kind),
                     "dim": dim,
                     "dtype": dtype,
-                    "normalisation": "l2",
+                    "normalisation": normalisation,
                     "schema_version": SCHEMA_VERSION,
                     "created_at": now_iso(),
                     "store_libs": library_versions(),
                     "provenance": provenance,
                 }
+                if views is not None:  # only view arrays carry it: other arrays' attributes stay as they were
+                    attrs["views"] = views
                 self._backend.create_array(teacher, kind, self.layout.rows(kind), dim, dtype, self.layout, attrs)
             else:
                 _check_same_array(self.path, teacher, kind, attrs, dim, dtype, provenance)
+                if attrs.get("views") != views or attrs.get("normalisation", "l2") != normalisation:
+                    raise StoreMismatchError(
+                        f"{self.path}: array {teacher}/{kind} holds views={attrs.get('views')}, normalisation "
+                        f"{attrs.get('normalisation', 'l2')}, not views={views}, {normalisation}; use another store"
+                    )
         self._arrays[(teacher, kind)] = attrs
 
     def _array(self, teacher: str, kind: str) -> dict:
@@ -210,12 +232,14 @@ class FeatureStore:
         skipped: dict[int, str] | None = None,
         *,
         overwrite: bool = False,
+        seconds: float | None = None,
     ) -> ShardMark:
         """Write all rows of one shard, make them durable, then mark the shard complete.
 
         values: (stop - start, dim) floats, L2-normalised where valid. valid: bool per row (None = all rows
         valid except the skipped ones). skipped: row id -> reason for rows that have no feature (stored as
-        zero vectors, valid False). A shard already complete is refused unless overwrite=True.
+        zero vectors, valid False). A shard already complete is refused unless overwrite=True. seconds: the time
+        the caller spent making the rows, kept in the mark (`dsmd store info` sums it).
         """
         attrs = self._array(teacher, kind)
         start, stop = self.layout.shard_rows(kind, shard)
@@ -246,6 +270,7 @@ class FeatureStore:
                     written_at=now_iso(),
                     block_rows=self.layout.rows_per_chunk,
                     block_crc32c=block_checksums(stored, self.layout.rows_per_chunk),
+                    seconds=None if seconds is None else round(float(seconds), 3),
                 )
                 self._backend.write_mark(mark)
             except BaseException as exc:
@@ -283,6 +308,24 @@ def row_norm_problems(rows: np.ndarray, valid: np.ndarray, first_row: int, toler
         off = valid & ~(np.abs(norms - 1.0) <= tolerance)
     off[not_finite] = False
     problems += [f"row {first_row + i} has norm {norms[i]:.5f}" for i in np.flatnonzero(off)]
+    return problems
+
+
+def array_row_problems(rows: np.ndarray, valid: np.ndarray, first_row: int, attrs: dict) -> list[str]:
+    """row_norm_problems under the array's own rule: each of a view row's unit vectors on its own, and only
+    finiteness for values that are not features (normalisation "none")."""
+    tolerance = NORM_TOLERANCE[attrs["dtype"]]
+    if attrs.get("normalisation", "l2") == "none":
+        finite = np.isfinite(to_float32(rows)).all(axis=1)
+        return [f"row {first_row + i} is not finite (NaN or inf)" for i in np.flatnonzero(valid & ~finite)]
+    views = attrs.get("views") or 1
+    if views == 1:
+        return row_norm_problems(rows, valid, first_row, tolerance)
+    width = rows.shape[1] // views
+    problems = []
+    for view in range(views):
+        part = rows[:, view * width : (view + 1) * width]
+        problems += [f"{p} (view {view})" for p in row_norm_problems(part, valid, first_row, tolerance)]
     return problems
 
 
@@ -331,7 +374,7 @@ def prepare_rows(
             stored[...] = values
         else:
             stored[valid_mask] = values[valid_mask]
-    problems = row_norm_problems(stored, valid_mask, start, NORM_TOLERANCE[dtype])
+    problems = array_row_problems(stored, valid_mask, start, attrs)
     if problems:
         raise StoreError(
             f"{where}: {len(problems)} valid rows are unusable: {_first(problems)}. Store L2-normalised, finite "

@@ -176,6 +176,30 @@ def test_teammate_pulls_the_store_and_distils_without_the_teacher(project, tmp_p
     assert (clone / "runs/evaluate/metrics.json").exists()
 
 
+def test_teammate_pulls_the_store_from_an_s3_remote(project, tmp_path):
+    """The same sharing flow through an S3 remote (dvc-s3) on a local moto server (tests/s3_helpers.py)."""
+    pytest.importorskip("dvc_s3")
+    pytest.importorskip("moto.server")
+    from s3_helpers import make_bucket, moto_server
+
+    path = project["path"]
+    with moto_server() as endpoint:
+        make_bucket("dvc-team")
+        dvc(path, "remote", "add", "-f", "s3team", "s3://dvc-team/cache")
+        dvc(path, "remote", "modify", "s3team", "endpointurl", endpoint)
+        dvc(path, "push", "-r", "s3team", "demo_data", "prepare", "extract")
+        git(path, "add", "-A")
+        git(path, "commit", "-qm", "s3 remote")
+        clone = tmp_path / "clone"
+        run(["git", "clone", "-q", str(path), str(clone)], tmp_path)
+        dvc(clone, "pull", "-r", "s3team", "demo_data", "prepare", "extract")
+        assert not (clone / "data/teacher").exists()
+        result = dvc(clone, "repro", "--downstream", "distill")
+    assert ran_stages(result) == {"distill", "evaluate"}, result.stdout
+    assert not (clone / "data/teacher").exists()
+    assert (clone / "runs/evaluate/metrics.json").exists()
+
+
 def exp_run(path: Path, *args: str) -> subprocess.CompletedProcess:
     first = dvc(path, "exp", "run", *args, check=False)
     if first.returncode == 0:

@@ -149,6 +149,19 @@ class ExtractConfig:
     dask_workers: NonNegInt = 0
     dask_scheduler: str = ""
     splits: Names = field(default_factory=lambda: ["train", "val", "test"])
+    # Dataset reinforcement (MobileCLIP's DataCompDR): K augmented views per training image, their teacher rows
+    # (<teacher>/image_view) and crop boxes (<teacher>/image_view_box) stored for distill.views to replay. 0 = none,
+    # the plain features only. Views are crops only (no flips: captions say left and right, no colour change:
+    # they name colours), each box drawn from (view_seed, image id, view) like RandomResizedCrop with an area of
+    # view_min_scale..1 of the image and an aspect ratio of 3/4..4/3.
+    views: NonNegInt = 0
+    view_min_scale: Annotated[float, Range(gt=0, le=1)] = 0.4
+    view_seed: Seed = 0
+    # s3:// stores only: where distill and evaluate keep the shards they download ("" = ~/.cache/dsmd/store-cache,
+    # under $XDG_CACHE_HOME when set), and at most how many GiB of them (least recently used go first).
+    # Local stores are read in place and ignore both.
+    cache_dir: str = ""
+    cache_gb: PosFloat = 8.0
 
 
 @dataclass
@@ -266,6 +279,13 @@ class DistillConfig:
     checkpoint_minutes: NonNegFloat = 10.0
     seed: Seed = 0
     load_store_in_ram: bool = False
+    # Stored teacher views (extract.views > 0): "replay" crops the student's image with the view's box and
+    # distils the view's teacher row; "mismatch" (the ablation) crops the same way but distils the plain image's
+    # row; "off" ignores the views (the plain image and row, as without them). Validation is always plain.
+    views: Literal["off", "replay", "mismatch"] = "off"
+    # Which stored view an image uses in an epoch: "random" (drawn from distill.seed, epoch and image id) or
+    # "cycle" (view (epoch + image id) mod K, so that every view comes round once in K epochs).
+    view_order: Literal["random", "cycle"] = "random"
     tensorboard: bool = False
     # Validation after each epoch picks the student that is kept (best RSUM, the sum of Recall@K over val_ks in
     # both directions). The same values as evaluate.ks by default, but distill's own: DVC reruns distill when

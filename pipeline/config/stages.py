@@ -74,14 +74,20 @@ STAGES: dict[str, StageSettings] = {
             "extract.rows_per_shard",
             "extract.rows_per_chunk",
             "extract.splits",
+            "extract.views",
+            "extract.view_min_scale",
+            "extract.view_seed",
         ),
         # The rest of extract: device, batch sizes, workers, threads, Dask (how fast, not what).
         reads=("data.canonical_dir", "extract"),
     ),
-    "distill": StageSettings(params=("student", "distill"), reads=("data.canonical_dir", "extract.store")),
+    "distill": StageSettings(
+        params=("student", "distill"),
+        reads=("data.canonical_dir", "extract.store", "extract.cache_dir", "extract.cache_gb"),
+    ),
     "evaluate": StageSettings(
         params=("evaluate", "distill.teacher"),
-        reads=("data.canonical_dir", "extract.store", "distill.out_dir"),
+        reads=("data.canonical_dir", "extract.store", "extract.cache_dir", "extract.cache_gb", "distill.out_dir"),
     ),
 }
 

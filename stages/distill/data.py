@@ -20,8 +20,10 @@ from torch.utils.data import Dataset, Sampler
 
 from pipeline.data.canonical import CanonicalDataset
 from pipeline.data.images import BadImageError, load_rgb
+from pipeline.data.views import crop_view
 from pipeline.errors import DsmdError
 from stages.distill.guard import bad_teacher_rows, describe_rows
+from stages.distill.views import ViewPlan, teacher_image_rows
 
 
 def pinned(batch, pin: Callable[[torch.Tensor], torch.Tensor] = torch.Tensor.pin_memory):
@@ -46,6 +48,8 @@ class PairBatch:
     teacher_image: torch.Tensor
     teacher_text: torch.Tensor
     bad_rows: tuple[str, ...] = ()  # teacher rows that are not finite or not unit norm (stages.distill.guard)
+    # The stored view each image was cropped to (distill.views replay / mismatch), -1 for the plain image.
+    views: torch.Tensor | None = None
 
     def pin_memory(self) -> PairBatch:
         # DataLoader(pin_memory=True) calls this on custom batch types; without it the batch stays pageable
@@ -54,14 +58,20 @@ class PairBatch:
 
 
 class PairRows(Dataset):
-    """Item k: (caption id, image id, image tensor, caption text)."""
+    """Item k: (caption id, image id, image tensor, caption text, stored view or -1).
 
-    def __init__(self, ds: CanonicalDataset, caption_ids: np.ndarray, image_transform: Callable):
+    With ``views`` (a ViewPlan) the image is first cropped to the epoch's stored view of it, exactly the box the
+    teacher saw, then passed through the student's transform."""
+
+    def __init__(
+        self, ds: CanonicalDataset, caption_ids: np.ndarray, image_transform: Callable, views: ViewPlan | None = None
+    ):
         self.ds = ds
         self.caption_ids = np.asarray(caption_ids, dtype=np.int64)
         self.image_of = ds.caption_image_ids()
         self.texts = ds.captions.column("text").to_pylist()
         self.transform = image_transform
+        self.views = views
 
     def __len__(self) -> int:
         return len(self.caption_ids)
@@ -69,12 +79,16 @@ class PairRows(Dataset):
     def __getitem__(self, index: int):
         caption_id = int(self.caption_ids[index])
         image_id = int(self.image_of[caption_id])
+        view = -1 if self.views is None else self.views.view(image_id)
         try:
-            pixels = self.transform(load_rgb(self.ds.image_source(image_id)))
-        except BadImageError:
-            # The file changed after extraction; the collate function drops the pair.
-            pixels = None
-        return caption_id, image_id, pixels, self.texts[caption_id]
+            image = load_rgb(self.ds.image_source(image_id))
+            if view >= 0:
+                image = crop_view(image, self.views.boxes[image_id, view])
+        except (BadImageError, ValueError):
+            # The file changed after extraction (so that the box no longer fits, too); the collate function drops
+            # the pair.
+            return caption_id, image_id, None, self.texts[caption_id], view
+        return caption_id, image_id, self.transform(image), self.texts[caption_id], view
 
 
 def decoded_items(items: list, rerun: str) -> tuple[list, np.ndarray, np.ndarray]:
@@ -96,20 +110,24 @@ def decoded_items(items: list, rerun: str) -> tuple[list, np.ndarray, np.ndarray
 class PairCollate:
     """Tokenise the captions and fetch the batch's teacher rows; runs inside the loader workers."""
 
-    def __init__(self, tokenize: Callable[[list[str]], dict], open_reader: Callable, teacher: str):
+    def __init__(
+        self, tokenize: Callable[[list[str]], dict], open_reader: Callable, teacher: str, views: str = "off"
+    ):
         self.tokenize = tokenize
         self.open_reader = open_reader
         self.teacher = teacher
+        self.views = views  # distill.views: "replay" takes the image rows of the items' stored views
         self._reader = None
 
     def __call__(self, items) -> PairBatch:
         if self._reader is None:  # opened once per worker process, never pickled
             self._reader = self.open_reader()
         items, caption_ids, image_ids = decoded_items(items, "`dsmd extract`")
-        teacher_image = self._reader.get(self.teacher, "image", image_ids)
+        views = item_views(items)
+        teacher_image, image_array = teacher_image_rows(self._reader, self.teacher, image_ids, views, self.views)
         teacher_text = self._reader.get(self.teacher, "text", caption_ids)
         bad = describe_rows({
-            f"{self.teacher}/image": bad_teacher_rows(teacher_image, image_ids),
+            image_array: bad_teacher_rows(teacher_image, image_ids),
             f"{self.teacher}/text": bad_teacher_rows(teacher_text, caption_ids),
         })
         return PairBatch(
@@ -120,7 +138,15 @@ class PairCollate:
             teacher_image=torch.from_numpy(teacher_image),
             teacher_text=torch.from_numpy(teacher_text),
             bad_rows=bad,
+            views=None if views is None else torch.from_numpy(views),
         )
+
+
+def item_views(items: list) -> np.ndarray | None:
+    """The stored view of each item (PairRows' fifth field), or None when the items carry none."""
+    if not items or len(items[0]) < 5 or items[0][4] < 0:
+        return None
+    return np.array([item[4] for item in items], dtype=np.int64)
 
 
 class EpochBatches(Sampler[list[int]]):

@@ -93,7 +93,7 @@ def train_loader(ctx: RunContext, data: TrainingData, student, epoch: int, start
     tokenize = Tokenize(student.tokenizer, ctx.cfg.student.max_text_len)
     collate = data.method.collate(tokenize, dc.loader_workers)
     return DataLoader(
-        PairRows(data.ds, data.train_pairs, student.image_transform(train=True)),
+        PairRows(data.ds, data.train_pairs, student.image_transform(train=True), views=data.method.view_plan(epoch)),
         batch_sampler=sampler,
         num_workers=dc.loader_workers,
         collate_fn=collate,

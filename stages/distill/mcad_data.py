@@ -18,9 +18,10 @@ import torch
 from pipeline.alignment import alignment_name, load_alignment
 from pipeline.config import McadConfig
 from pipeline.errors import DsmdError
-from stages.distill.data import decoded_items, pinned
+from stages.distill.data import decoded_items, item_views, pinned
 from stages.distill.guard import bad_teacher_rows, describe_rows
 from stages.distill.mcad import McadRows
+from stages.distill.views import teacher_image_rows
 from store import open_store
 from store.extras import get_extra
 
@@ -45,6 +46,7 @@ class McadBatch:
     teacher_text: dict[str, torch.Tensor]  # dual teacher name -> (B, D_m) rows of the pairs' captions
     fused: torch.Tensor  # (B, d_fused) the fused teacher's pair rows
     bad_rows: tuple[str, ...] = ()  # teacher rows that are not finite or not unit norm (stages.distill.guard)
+    views: torch.Tensor | None = None  # the stored view of each image (distill.views), as in PairBatch
 
     def teacher_rows(
         self, device: torch.device | str, gather: Callable[[torch.Tensor], torch.Tensor] | None = None
@@ -136,12 +138,20 @@ class McadCollate:
     """
 
     def __init__(
-        self, tokenize: Callable[[list[str]], dict], open_reader: Callable, teachers: Sequence[str], fused_teacher: str
+        self,
+        tokenize: Callable[[list[str]], dict],
+        open_reader: Callable,
+        teachers: Sequence[str],
+        fused_teacher: str,
+        views: str = "off",
     ):
         self.tokenize = tokenize
         self.open_reader = open_reader
         self.teachers = list(teachers)
         self.fused_teacher = fused_teacher
+        # distill.views: "replay" takes every dual teacher's rows of the items' stored views (the fused pair rows
+        # stay those of the plain image: views are not extracted for pairs).
+        self.views = views
         self._reader = None
 
     def __call__(self, items) -> McadBatch:
@@ -149,10 +159,12 @@ class McadCollate:
             self._reader = self.open_reader()
         reader = self._reader
         items, caption_ids, image_ids = decoded_items(items, "`dsmd extract` and `dsmd extract-pairs`")
-        image = {n: reader.get(n, "image", image_ids) for n in self.teachers}
+        views = item_views(items)
+        picked = {n: teacher_image_rows(reader, n, image_ids, views, self.views) for n in self.teachers}
+        image = {n: rows for n, (rows, _) in picked.items()}
         text = {n: reader.get(n, "text", caption_ids) for n in self.teachers}
         fused = reader.get(self.fused_teacher, "pair", caption_ids)
-        bad = {f"{n}/image": bad_teacher_rows(image[n], image_ids) for n in self.teachers}
+        bad = {array: bad_teacher_rows(image[n], image_ids) for n, (_, array) in picked.items()}
         bad.update({f"{n}/text": bad_teacher_rows(text[n], caption_ids) for n in self.teachers})
         bad[f"{self.fused_teacher}/pair"] = bad_teacher_rows(fused, caption_ids)
         return McadBatch(
@@ -164,4 +176,5 @@ class McadCollate:
             teacher_text={n: torch.from_numpy(v) for n, v in text.items()},
             fused=torch.from_numpy(fused),
             bad_rows=describe_rows(bad),
+            views=None if views is None else torch.from_numpy(views),
         )

@@ -31,6 +31,7 @@ from stages.distill.mcad_data import (
 )
 from stages.distill.supervised import SupervisedContrastive
 from stages.distill.supervised_data import GroundTruthCollate, pair_validity
+from stages.distill.views import ViewPlan, check_views, load_boxes, view_valid
 from store import open_store
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
@@ -39,12 +40,18 @@ Gather = Callable[[torch.Tensor], torch.Tensor]
 class _OpenReader:
     """Opens the store inside a loader worker (a reader is opened per process, never shared)."""
 
-    def __init__(self, path: str, fingerprint: str, teacher: str, in_memory: bool):
+    def __init__(self, path: str, fingerprint: str, teacher: str, in_memory: bool, cache: dict | None = None):
         self.args = (path, fingerprint, teacher, in_memory)
+        self.cache = cache or {}
 
     def __call__(self):
         path, fingerprint, teacher, in_memory = self.args
-        return open_store(path, dataset_fingerprint=fingerprint, teacher=teacher, in_memory=in_memory)
+        return open_store(path, dataset_fingerprint=fingerprint, teacher=teacher, in_memory=in_memory, **self.cache)
+
+
+def reader_cache(cfg: Config) -> dict:
+    """open_store's local shard cache for an s3:// store (extract.cache_dir, extract.cache_gb)."""
+    return {"cache_dir": cfg.extract.cache_dir or None, "cache_bytes": int(cfg.extract.cache_gb * 2**30)}
 
 
 class _SameReader:
@@ -64,10 +71,27 @@ class DsmdMethod:
         self.cfg, self.ds = cfg, ds
         self.teacher = cfg.distill.teacher
         self.reader = self._open_reader(in_memory)
+        self.views = cfg.distill.views
+        self._boxes = None
+        if self.views != "off":
+            check_views(self.reader, str(cfg.extract.store), self._view_teachers(), self.views)
+
+    def _view_teachers(self) -> list[str]:
+        return [self.teacher]
+
+    def view_plan(self, epoch: int) -> ViewPlan | None:
+        """The stored view each training image is cropped to in ``epoch`` (None: the plain images)."""
+        if self.views == "off":
+            return None
+        if self._boxes is None:
+            self._boxes = load_boxes(self.reader, self.teacher)
+        dc = self.cfg.distill
+        return ViewPlan(self._boxes, dc.view_order, dc.seed, epoch)
 
     def _open_reader(self, in_memory: bool):
         return open_store(
-            self.cfg.extract.store, dataset_fingerprint=self.ds.fingerprint, teacher=self.teacher, in_memory=in_memory
+            self.cfg.extract.store, dataset_fingerprint=self.ds.fingerprint, teacher=self.teacher, in_memory=in_memory,
+            **reader_cache(self.cfg),
         )
 
     def dim(self) -> int:
@@ -79,10 +103,15 @@ class DsmdMethod:
         return self.reader.valid(self.teacher, "image"), self.reader.valid(self.teacher, "text")
 
     def train_pairs(self, image_valid: np.ndarray, text_valid: np.ndarray) -> np.ndarray:
+        if self.views != "off":  # an image trains only with its stored views (a bad image has none)
+            image_valid = image_valid & view_valid(self.reader, self._view_teachers())
         return usable_pairs(self.ds, "train", image_valid, text_valid)
 
     def provenance(self) -> dict:
-        return self.reader.provenance(self.teacher, "image").get("teacher", {})
+        provenance = self.reader.provenance(self.teacher, "image").get("teacher", {})
+        if self.views != "off":  # another set of views is other targets: a checkpoint must not resume across
+            provenance = {**provenance, "views": self.reader.provenance(self.teacher, "image_view").get("views")}
+        return provenance
 
     def card(self) -> dict:
         """What the student's card says of its teacher."""
@@ -99,11 +128,12 @@ class DsmdMethod:
 
     def _worker_reader(self):
         dc = self.cfg.distill
-        return _OpenReader(self.cfg.extract.store, self.ds.fingerprint, self.teacher, dc.load_store_in_ram)
+        return _OpenReader(self.cfg.extract.store, self.ds.fingerprint, self.teacher, dc.load_store_in_ram,
+                           reader_cache(self.cfg))
 
     def collate(self, tokenize: Callable, workers: int):
         open_reader = self._worker_reader() if workers > 0 else _SameReader(self.reader)
-        return PairCollate(tokenize, open_reader, self.teacher)
+        return PairCollate(tokenize, open_reader, self.teacher, self.views)
 
     def losses(self, objective, s_v, s_t, batch, device: torch.device, ids: torch.Tensor, gather: Gather):
         """(named loss values, what ``objective.enqueue`` takes after the step)."""
@@ -132,11 +162,20 @@ class McadMethod(DsmdMethod):
     def _open_reader(self, in_memory: bool):
         return open_mcad_reader(self.cfg.extract.store, self.ds.fingerprint, self.mcad, in_memory=in_memory)
 
+    def _view_teachers(self) -> list[str]:
+        return list(self.mcad.teachers)
+
     def train_pairs(self, image_valid: np.ndarray, text_valid: np.ndarray) -> np.ndarray:
-        return mcad_usable_pairs(self.ds, "train", self.reader, self.mcad.teachers, self.mcad.fused_teacher)
+        pairs = mcad_usable_pairs(self.ds, "train", self.reader, self.mcad.teachers, self.mcad.fused_teacher)
+        if self.views != "off":
+            pairs = pairs[view_valid(self.reader, self._view_teachers())[self.ds.caption_image_ids()[pairs]]]
+        return pairs
 
     def provenance(self) -> dict:
-        return mcad_provenance(self.reader, self.mcad, self.cfg.extract.store, self.ds.fingerprint)
+        provenance = mcad_provenance(self.reader, self.mcad, self.cfg.extract.store, self.ds.fingerprint)
+        if self.views != "off":
+            provenance["views"] = self.reader.provenance(self.teacher, "image_view").get("views")
+        return provenance
 
     def objective(self, dim: int) -> torch.nn.Module:
         maps = load_alignments(self.cfg.extract.store, self.mcad, self.ds.fingerprint, self.reader)
@@ -151,7 +190,7 @@ class McadMethod(DsmdMethod):
 
     def collate(self, tokenize: Callable, workers: int):
         open_reader = self._worker_reader() if workers > 0 else _SameReader(self.reader)
-        return McadCollate(tokenize, open_reader, self.mcad.teachers, self.mcad.fused_teacher)
+        return McadCollate(tokenize, open_reader, self.mcad.teachers, self.mcad.fused_teacher, self.views)
 
     def losses(self, objective, s_v, s_t, batch, device: torch.device, ids: torch.Tensor, gather: Gather):
         rows = batch.teacher_rows(device, gather)
@@ -165,10 +204,18 @@ class SupervisedMethod:
     reader = None
 
     def __init__(self, cfg: Config, ds: CanonicalDataset, in_memory: bool):
+        if cfg.distill.views != "off":
+            raise DsmdError(
+                f"distill.views={cfg.distill.views} replays stored teacher views, but distill.method=supervised "
+                "reads no store: set distill.views=off"
+            )
         self.cfg, self.ds = cfg, ds
 
     def dim(self) -> int:
         return self.cfg.distill.supervised.dim
+
+    def view_plan(self, epoch: int) -> None:
+        return None
 
     def valid(self) -> tuple[np.ndarray, np.ndarray]:
         return pair_validity(self.ds)

@@ -79,6 +79,22 @@ def _examples(ds, texts, caption_image_ids, text_emb, index, n: int) -> list[dic
     return examples
 
 
+def _view_facts(store: str, teacher: str) -> dict:
+    """The teacher's stored training views (extract.views), when the store has them: K, bytes per view of an
+    image, the views' size and extraction time (`dsmd store info` shows the same)."""
+    from store.info import store_info
+
+    views = store_info(store)["views"].get(teacher)
+    if not views:
+        return {}
+    return {
+        "views": views["views"],
+        "view_bytes_per_image": views["bytes_per_view"],
+        "views_mib": round(views["bytes_total"] / 2**20, 3),
+        "views_extract_seconds": views["extract_seconds"],
+    }
+
+
 def _other_teachers(reader, main: str, images, captions, caption_rows, budget: int) -> dict[str, RetrievalRanks]:
     """Ranks of every other dual-stream teacher in the store (e.g. MCAD's second teacher) on the same items;
     a teacher without a valid row for each of them is left out rather than scored on another task."""
@@ -121,7 +137,8 @@ def run_evaluate(cfg: Config) -> dict:
             f"{student_dir} was trained on another dataset (fingerprint {card['dataset']['fingerprint']}); "
             f"this dataset is {ds.fingerprint}"
         )
-    reader = open_store(cfg.extract.store, dataset_fingerprint=ds.fingerprint, teacher=teacher_name)
+    reader = open_store(cfg.extract.store, dataset_fingerprint=ds.fingerprint, teacher=teacher_name,
+                        cache_dir=cfg.extract.cache_dir or None, cache_bytes=int(cfg.extract.cache_gb * 2**30))
     provenance = student_provenance(student_dir)  # before loading: the digest is of the weights read here
     student = load_student(student_dir, map_location=device)
 
@@ -189,7 +206,8 @@ def run_evaluate(cfg: Config) -> dict:
             "search_ms": search["single_query_ms"],
             "search_batch_ms": search["batched_ms_per_query"],
         },
-        "teacher": {"name": teacher_name, "parameters": _parameters(reader, teacher_name)},
+        "teacher": {"name": teacher_name, "parameters": _parameters(reader, teacher_name),
+                    **_view_facts(cfg.extract.store, teacher_name)},
         "teachers": {name: {"parameters": _parameters(reader, name)} for name in other_ranks},
         "run": {
             "split": ev.split,

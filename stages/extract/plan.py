@@ -19,8 +19,13 @@ from pipeline.errors import DsmdError
 from store import FeatureStore
 
 KINDS = ("image", "text")
+# extract.views > 0: one task kind writes a shard of the view rows and of their boxes (the boxes first, the
+# rows' mark last, so the shard counts as done only once both are there).
+VIEW_KIND, BOX_KIND = "image_view", "image_view_box"
 # The skip reason of rows left out by extract.splits (text and image rows alike).
 UNSELECTED = "split not selected for extraction"
+# The skip reason of the view rows of val / test images: distill trains on train only, and validates plain.
+TRAIN_ONLY = "views are made for training images only"
 
 
 @dataclass(frozen=True)
@@ -60,15 +65,26 @@ def check_splits(splits: Sequence[str]) -> list[str]:
     return list(dict.fromkeys(splits))
 
 
-def selected_rows(ds: CanonicalDataset, splits: Sequence[str]) -> dict[str, np.ndarray]:
-    """Bool per row of each kind: does its split (the image's split, for captions) take part in this run."""
+def selected_rows(ds: CanonicalDataset, splits: Sequence[str], views: int = 0) -> dict[str, np.ndarray]:
+    """Bool per row of each kind: does its split (the image's split, for captions) take part in this run. With
+    views, also the image rows that get views: the selected training images."""
     wanted = check_splits(splits)
     image = np.zeros(ds.num_images, bool)
     text = np.zeros(ds.num_captions, bool)
     for split in wanted:
         image[ds.image_ids(split)] = True
         text[ds.caption_ids(split)] = True
-    return {"image": image, "text": text}
+    selected = {"image": image, "text": text}
+    if views > 0:
+        train = np.zeros(ds.num_images, bool)
+        train[ds.image_ids("train")] = True
+        selected[VIEW_KIND] = image & train
+    return selected
+
+
+def run_kinds(selected: dict[str, np.ndarray]) -> tuple[str, ...]:
+    """The task kinds of a run: image and text, and the views when extract.views > 0."""
+    return KINDS + ((VIEW_KIND,) if VIEW_KIND in selected else ())
 
 
 def plan_shards(store: FeatureStore, teacher: str, selected: dict[str, np.ndarray]) -> list[ShardTask]:
@@ -76,12 +92,14 @@ def plan_shards(store: FeatureStore, teacher: str, selected: dict[str, np.ndarra
     present = set(store.arrays())
     rows_per_shard = store.layout.rows_per_shard
     tasks: list[ShardTask] = []
-    for kind in KINDS:
+    for kind in run_kinds(selected):
         shards = range(store.num_shards(kind))
-        if (teacher, kind) not in present:  # a new array: everything
-            tasks += [ShardTask(kind, shard) for shard in shards]
+        if (teacher, kind) not in present or (kind == VIEW_KIND and (teacher, BOX_KIND) not in present):
+            tasks += [ShardTask(kind, shard) for shard in shards]  # a new array: everything
             continue
         pending = set(store.pending_shards(teacher, kind))
+        if kind == VIEW_KIND:
+            pending |= set(store.pending_shards(teacher, BOX_KIND))
         skipped = store.skipped(teacher, kind)
         left_out = np.fromiter((row for row, reason in skipped.items() if reason == UNSELECTED), np.int64)
         widened = set((left_out[selected[kind][left_out]] // rows_per_shard).tolist())

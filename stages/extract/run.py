@@ -28,7 +28,7 @@ from stages.extract.plan import (
     selected_rows,
 )
 from store import FeatureStore
-from store.backends import delete_store, writer_lease
+from store.backends import delete_store, store_exists, writer_lease
 from store.errors import StoreError, StoreMismatchError
 
 _LISTED = 20  # skipped images named in the summary; the rest are in `dsmd store info`
@@ -54,6 +54,8 @@ class ExtractSummary:
     workers: int = 1
     notes: list[str] = field(default_factory=list)
     replaced_store: bool = False  # --replace-stale deleted a store made for other settings first
+    views: int = 0  # extract.views: K teacher views per training image
+    view_seconds: float = 0.0  # this run's time on view shards (the slowest worker's)
 
 
 def _check_ready(cfg: Config) -> None:
@@ -79,7 +81,7 @@ def run_extract(cfg: Config, *, replace_stale: bool = False, repair: bool = Fals
     drop the shards of this teacher that `dsmd store verify` flags as damaged, so that exactly those are
     written again."""
     _check_ready(cfg)
-    with writer_lease(Path(cfg.extract.store), "dsmd extract"):
+    with writer_lease(cfg.extract.store, "dsmd extract"):
         return _extract_one(cfg, replace_stale=replace_stale, repair=repair)
 
 
@@ -94,7 +96,7 @@ def _extract_one(cfg: Config, *, replace_stale: bool, repair: bool) -> ExtractSu
             raise
         console.print(f"[yellow]{escape(str(exc))}[/yellow]")
         console.print(f"--replace-stale: deleting {cfg.extract.store} and starting over", highlight=False)
-        delete_store(Path(cfg.extract.store))  # refuses, by name, anything that is not a dsmd store
+        delete_store(cfg.extract.store)  # refuses, by name, anything that is not a dsmd store
         repaired = []
         summary = run(cfg)
         summary.replaced_store = True
@@ -115,7 +117,7 @@ def run_extract_all(cfg: Config, *, replace_stale: bool = False, repair: bool = 
             "needs its own name in the store"
         )
     _check_ready(cfg)
-    with writer_lease(Path(cfg.extract.store), "dsmd extract"):  # one lease for all teachers
+    with writer_lease(cfg.extract.store, "dsmd extract"):  # one lease for all teachers
         return _extract_all(cfg, teachers, replace_stale=replace_stale, repair=repair)
 
 
@@ -136,8 +138,8 @@ def _repair(cfg: Config) -> list[str]:
     the run then writes exactly those again. Returns notes for the summary."""
     from store.verify import verify_store
 
-    path, name = Path(cfg.extract.store), cfg.teacher.name
-    if not path.exists():
+    path, name = cfg.extract.store, cfg.teacher.name
+    if not store_exists(path):
         return []
     report = verify_store(path, teachers=[name])
     if report.store_problems and report.store_problems[0].endswith("no feature store metadata"):
@@ -157,19 +159,21 @@ def _repair(cfg: Config) -> list[str]:
     shown = ", ".join(f"{d.teacher}/{d.kind} shard {d.shard} ({d.file})" for d in damaged[:_LISTED])
     more = f" and {len(damaged) - _LISTED} more" if len(damaged) > _LISTED else ""
     notes = [f"--repair: redoing {len(damaged)} damaged shard(s): {shown}{more}"]
-    if any(d.kind not in KINDS for d in damaged):
+    if any(d.kind == "pair" for d in damaged):
         notes.append(f"--repair dropped damaged {name}/pair shards: run `dsmd extract-pairs` to write them again")
     return notes
 
 
 def _start_summary(cfg: Config, store: FeatureStore, tasks: list[ShardTask], workers: int) -> ExtractSummary:
-    total = sum(store.num_shards(kind) for kind in KINDS)
+    kinds = KINDS + (("image_view",) if cfg.extract.views > 0 else ())
+    total = sum(store.num_shards(kind) for kind in kinds)
     return ExtractSummary(
         cfg.teacher.name,
         cfg.extract.store,
         shards_total=total,
         shards_already_done=total - len(tasks),
         workers=workers,
+        views=cfg.extract.views,
     )
 
 
@@ -180,6 +184,7 @@ def _finish(summary: ExtractSummary, store: FeatureStore, results) -> ExtractSum
         summary.shards_written += len(result.shards)
         summary.shards_redone += sum(task.redo for task in result.shards)
         summary.fill_seconds = max(summary.fill_seconds, result.seconds)
+        summary.view_seconds = max(summary.view_seconds, result.view_seconds)
         summary.notes += [note for note in result.notes if note not in summary.notes]
     for kind in KINDS:
         skipped = store.skipped(summary.teacher, kind)
@@ -209,6 +214,12 @@ def _print_summary(summary: ExtractSummary) -> None:
             f"  left out by extract.splits: {summary.unselected.get('image', 0)} image and "
             f"{summary.unselected.get('text', 0)} caption rows (invalid in the store; a run selecting their split "
             "adds them)",
+            highlight=False,
+        )
+    if summary.views:
+        console.print(
+            f"  views: {summary.views} per training image; {summary.view_seconds:.1f}s of this run on view shards "
+            "(`dsmd store info` shows their storage and total time)",
             highlight=False,
         )
     for note in summary.notes:
@@ -285,7 +296,7 @@ def _run_dask(cfg: Config) -> ExtractSummary:
     from stages.extract.worker import fill_on_worker
 
     ds = CanonicalDataset.load(cfg.data.canonical_dir)
-    selected = selected_rows(ds, cfg.extract.splits)
+    selected = selected_rows(ds, cfg.extract.splits, cfg.extract.views)
     name = cfg.teacher.name
     # Non-daemonic workers may start DataLoader processes to decode images.
     with dask.config.set({"distributed.worker.daemon": False}):

@@ -25,8 +25,18 @@ from pipeline.data.canonical import CanonicalDataset
 from pipeline.data.check import load_bad_images
 from pipeline.errors import DsmdError
 from pipeline.models.teachers import Teacher, load_teacher, resolve_device, resolve_precision
-from stages.extract.batches import image_batches
-from stages.extract.plan import KINDS, UNSELECTED, ShardTask, open_store, plan_shards, selected_rows
+from stages.extract.batches import ViewCrops, image_batches
+from stages.extract.plan import (
+    BOX_KIND,
+    KINDS,
+    TRAIN_ONLY,
+    UNSELECTED,
+    VIEW_KIND,
+    ShardTask,
+    open_store,
+    plan_shards,
+    selected_rows,
+)
 from store import FeatureStore
 
 __all__ = [
@@ -51,9 +61,10 @@ class FillResult:
     rows_written: int = 0  # rows of the shards written (rows of unselected splits included)
     shards: list[ShardTask] = field(default_factory=list)
     # kind -> row -> reason, for the rows skipped in the shards written here
-    skipped: dict[str, dict[int, str]] = field(default_factory=lambda: {kind: {} for kind in KINDS})
+    skipped: dict[str, dict[int, str]] = field(default_factory=lambda: {kind: {} for kind in (*KINDS, VIEW_KIND)})
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
+    view_seconds: float = 0.0  # of seconds, making and writing view shards
 
 
 def dsmd_version() -> str:
@@ -106,6 +117,27 @@ def prepare_arrays(cfg: Config, teacher: Teacher, ds: CanonicalDataset, store: F
     provenance = extraction_provenance(cfg, teacher, ds, precision)
     for kind in KINDS:
         store.ensure_array(cfg.teacher.name, kind, teacher.dim, dtype=cfg.extract.dtype, provenance=provenance)
+    k = cfg.extract.views
+    if k > 0:
+        provenance = {**provenance, "views": view_provenance(cfg)}
+        name = cfg.teacher.name
+        store.ensure_array(name, VIEW_KIND, k * teacher.dim, dtype=cfg.extract.dtype, provenance=provenance, views=k)
+        # Boxes are pixel coordinates: float32 holds every integer below 2**24 exactly, float16 would not.
+        store.ensure_array(name, BOX_KIND, 4 * k, dtype="float32", provenance=provenance, views=k,
+                           normalisation="none")
+
+
+def view_provenance(cfg: Config) -> dict:
+    """How the views are drawn: a change makes other boxes, so a store with other views is refused."""
+    ex = cfg.extract
+    return {
+        "k": ex.views,
+        "seed": ex.view_seed,
+        "min_scale": ex.view_min_scale,
+        "ratio": [3 / 4, 4 / 3],
+        "boxes": "pipeline.data.views.draw_boxes: per (seed, image id, view), x0 y0 x1 y1 in the decoded image",
+        "then": "the teacher's image transform on the crop",
+    }
 
 
 def _to_numpy(embeddings: torch.Tensor) -> np.ndarray:
@@ -120,7 +152,7 @@ class ExtractWorker:
         self.cfg = cfg
         self.device = checked_device(device or cfg.extract.device)
         self.ds = CanonicalDataset.load(cfg.data.canonical_dir)
-        self.selected = selected_rows(self.ds, cfg.extract.splits)
+        self.selected = selected_rows(self.ds, cfg.extract.splits, cfg.extract.views)
         self.known_bad = load_bad_images(cfg.data.canonical_dir)
         self.teacher = teacher or load_teacher(cfg.teacher, device=self.device, precision=cfg.extract.precision)
         self.precision = self.teacher.precision
@@ -153,6 +185,9 @@ class ExtractWorker:
         for task in tasks:
             if task.kind == "text":
                 self._fill_text(task, result, on_rows)
+        view_tasks = [task for task in tasks if task.kind == VIEW_KIND]
+        if view_tasks:
+            self._fill_views(view_tasks, result, on_rows)
         result.seconds = time.perf_counter() - started
         return result
 
@@ -203,6 +238,64 @@ class ExtractWorker:
                 if on_rows:
                     on_rows(len(local))
             self._write(task, values, skipped, result)
+
+    def _fill_views(self, tasks: list[ShardTask], result: FillResult, on_rows) -> None:
+        """K crops of every selected training image through the teacher; per shard the boxes, then the rows.
+        Batches hold image_batch_size images (K times as many crops) and never straddle shards, as for images."""
+        ex, name, dim = self.cfg.extract, self.cfg.teacher.name, self.teacher.dim
+        k, size = ex.views, ex.image_batch_size
+        train = np.zeros(self.ds.num_images, bool)
+        train[self.ds.image_ids("train")] = True
+        shards = []
+        for task in tasks:
+            start, stop = self.store.shard_rows(name, VIEW_KIND, task.shard)
+            chosen = self.selected[VIEW_KIND][start:stop]
+            left = start + np.flatnonzero(~chosen)
+            skipped = {row: UNSELECTED if train[row] else TRAIN_ONLY for row in left.tolist()}
+            shards.append((start, start + np.flatnonzero(chosen), skipped))
+        batch_ids = [ids[i : i + size].tolist() for _, ids, _ in shards for i in range(0, len(ids), size)]
+        batches = iter(image_batches(
+            batch_ids,
+            self.ds.image_source,
+            self.teacher.image_transform,
+            workers=ex.loader_workers,
+            known_bad=self.known_bad,
+            pin_memory=self.device.type == "cuda",
+            views=ViewCrops(self.teacher.image_transform, k, ex.view_seed, ex.view_min_scale),
+        ))
+        for task, (start, ids, skipped) in zip(tasks, shards, strict=True):
+            started = time.perf_counter()
+            rows = np.zeros((self.store.shard_rows(name, VIEW_KIND, task.shard)[1] - start, k * dim), np.float32)
+            boxes = np.zeros((len(rows), 4 * k), np.float32)
+            for _ in range(0, len(ids), size):
+                batch = next(batches)
+                local = batch.ids.numpy() - start
+                ok = batch.ok.numpy()
+                if ok.any():
+                    # The crops go through the teacher image_batch_size at a time, as plain images do.
+                    encoded = np.concatenate([
+                        _to_numpy(self.teacher.encode_images(batch.pixels[i : i + size]))
+                        for i in range(0, len(batch.pixels), size)
+                    ])
+                    rows[local[ok]] = encoded.reshape(-1, k * dim)
+                    boxes[local[ok]] = batch.boxes.numpy().reshape(-1, 4 * k)
+                for row, good, reason in zip(batch.ids.tolist(), ok.tolist(), batch.reasons, strict=True):
+                    if not good:
+                        skipped[row] = reason
+                result.rows_encoded += len(local)
+                if on_rows:
+                    on_rows(len(local))
+            valid = np.ones(len(rows), bool)
+            valid[np.fromiter(skipped, np.int64, len(skipped)) - start] = False
+            # Boxes first (rewritten whole if a killed run left them marked), the rows' mark last.
+            self.store.write_shard(name, BOX_KIND, task.shard, boxes, valid=valid, skipped=skipped, overwrite=True)
+            seconds = time.perf_counter() - started
+            self.store.write_shard(name, VIEW_KIND, task.shard, rows, valid=valid, skipped=skipped,
+                                   overwrite=task.redo, seconds=seconds)
+            result.view_seconds += seconds
+            result.rows_written += len(rows)
+            result.skipped[VIEW_KIND].update(skipped)
+            result.shards.append(task)
 
     def _fill_text(self, task: ShardTask, result: FillResult, on_rows) -> None:
         start, _, ids, values, skipped = self._shard(task)

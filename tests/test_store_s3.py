@@ -1,0 +1,261 @@
+"""The feature store on S3-compatible object storage, against a real local S3 server (moto, tests/s3_helpers.py):
+extract -> store info/verify -> distill -> evaluate with extract.store = s3://..., a SIGKILLed extraction
+resumed to the same arrays as an uninterrupted one, a bounded reader cache, and one-line storage errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+from extract_helpers import DSMD, FIXTURE, TEACHER, assert_same_contents, base_params, build_world, read_store
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto.server")
+
+pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason="beit3-tiny fixture not found")
+
+SHARDS = 5 + 14  # 36 images and 108 captions in shards of 8 rows
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    from s3_helpers import make_bucket, moto_server
+
+    with moto_server(str(tmp_path_factory.mktemp("xdg-cache"))) as endpoint:
+        make_bucket("dsmd")
+        yield endpoint
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory):
+    return build_world(tmp_path_factory.mktemp("s3-world"))
+
+
+def params_for(world, run_dir: Path, store: str, **sections) -> Path:
+    params = base_params(world)
+    params["extract"] = {**params["extract"], "store": store}
+    for name, values in sections.items():
+        params[name] = {**params.get(name, {}), **values}
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / "params.yaml"
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    return path
+
+
+def load(params: Path):
+    from pipeline.config import load_config
+
+    return load_config(params)
+
+
+@pytest.fixture(scope="module")
+def reference(world, tmp_path_factory):
+    """An uninterrupted extraction into a local store."""
+    from stages.extract.run import run_extract
+
+    run_dir = tmp_path_factory.mktemp("local")
+    run_extract(load(params_for(world, run_dir, str(run_dir / "features.zarr"))))
+    return read_store(run_dir / "features.zarr", world.canonical)
+
+
+def s3_marks(url: str) -> set[tuple[str, int]]:
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    key = url.removeprefix("s3://")
+    return {(p.split("/")[-3], int(p.rsplit("-", 1)[1].split(".")[0]))
+            for p in fs.glob(f"{key}/{TEACHER}/*/marks/shard-*.json")}
+
+
+def test_killed_extraction_to_s3_resumes_to_the_arrays_of_an_uninterrupted_run(s3, world, reference, tmp_path):
+    from stages.extract.run import run_extract
+
+    url = "s3://dsmd/killed/features.zarr"
+    params = params_for(world, tmp_path, url)
+    log = (tmp_path / "out.log").open("wb")
+    process = subprocess.Popen([*DSMD, "--params", str(params), "extract"], cwd=tmp_path, stdout=log, stderr=log)
+    try:
+        deadline = time.monotonic() + 300
+        while process.poll() is None and time.monotonic() < deadline and not s3_marks(url):
+            time.sleep(0.02)
+        os.kill(process.pid, signal.SIGKILL)
+    finally:
+        process.wait()
+    assert process.returncode == -signal.SIGKILL, (tmp_path / "out.log").read_text()
+    before = s3_marks(url)
+    assert 1 <= len(before) < SHARDS
+
+    summary = run_extract(load(params))
+
+    assert summary.shards_already_done == len(before)
+    assert summary.shards_written == SHARDS - len(before)
+    assert len(s3_marks(url)) == SHARDS
+    assert_same_contents(read_store(url, world.canonical), reference)
+
+
+@pytest.fixture(scope="module")
+def s3_store(s3, world, tmp_path_factory) -> tuple[str, Path]:
+    """`dsmd extract` (a subprocess, as users run it) into s3://dsmd/e2e/features.zarr."""
+    url = "s3://dsmd/e2e/features.zarr"
+    run_dir = tmp_path_factory.mktemp("e2e")
+    params = params_for(
+        world, run_dir, url,
+        student={"vision_model": "test_vit", "img_size": 32, "patch_size": 8, "text_hidden": 32, "text_layers": 1,
+                 "text_heads": 2, "max_text_len": 24},
+        distill={"teacher": TEACHER, "epochs": 1, "batch_size": 20, "loader_workers": 0, "device": "cpu",
+                 "precision": "fp32", "checkpoint_every": 0, "lr": 1e-3, "val_batch_size": 64,
+                 "out_dir": str(run_dir / "out"), "losses": {"queue_size": 40}},
+        evaluate={"batch_size": 64, "out_dir": str(run_dir / "evaluate"), "ablations": "", "examples": 0},
+    )
+    done = subprocess.run([*DSMD, "--params", str(params), "extract"], cwd=run_dir, capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr[-3000:]
+    return url, params
+
+
+def test_store_info_and_verify_work_on_s3(s3_store, world, reference):
+    url, params = s3_store
+    info = subprocess.run([*DSMD, "store", "info", url, "--json"], capture_output=True, text=True)
+    assert info.returncode == 0, info.stderr[-2000:]
+    described = json.loads(info.stdout)
+    assert described["path"] == url and described["size_bytes"] > 0
+    assert {(a["kind"], a["shards_complete"], a["shards_total"]) for a in described["arrays"]} == {
+        ("image", 5, 5), ("text", 14, 14)}
+    verify = subprocess.run([*DSMD, "store", "verify", url, "--dataset", str(world.canonical)],
+                            capture_output=True, text=True)
+    assert verify.returncode == 0, verify.stdout[-2000:] + verify.stderr[-2000:]
+    assert_same_contents(read_store(url, world.canonical), reference)
+
+
+def test_verify_on_s3_finds_a_damaged_shard_object(s3, world, tmp_path):
+    import s3fs
+
+    from store.testing import fill, unit_rows
+    from store.verify import verify_store
+    from store.writer import FeatureStore
+
+    url = "s3://dsmd/damaged/features.zarr"
+    with FeatureStore.create_or_open(url, dataset_fingerprint="fp", n_images=40, n_captions=8, rows_per_shard=16,
+                                     rows_per_chunk=8) as store:
+        store.ensure_array("t", "image", 8)
+        fill(store, "t", "image", unit_rows(40, 8))
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    key = "dsmd/damaged/features.zarr/t/image/c/1/0"
+    body = bytearray(fs.cat_file(key))
+    body[3] ^= 0xFF
+    fs.pipe_file(key, bytes(body))
+    report = verify_store(url)
+    assert [(d.kind, d.shard) for d in report.damaged] == [("image", 1)]
+    assert "sha256" in report.problems[0]
+
+
+def test_distill_and_evaluate_read_the_store_on_s3(s3_store, world):
+    from pipeline.config.stages import stage_config
+    from stages.distill.train import Trainer
+    from stages.evaluate.run import run_evaluate
+
+    url, params = s3_store
+    cfg = load(params)
+    summary = Trainer(stage_config(cfg, "distill")).train()
+    assert summary["steps"] > 0
+    assert all(np.isfinite(v) for v in summary.values() if isinstance(v, float))
+    metrics = run_evaluate(stage_config(cfg, "evaluate"))
+    assert metrics  # recall figures came back from the student against the S3 teacher features
+
+
+def test_reader_cache_stays_within_its_size_limit(s3_store, world, reference, tmp_path):
+    from store import open_store
+
+    url, _ = s3_store
+    shard_bytes = 8 * reference.rows["text"].shape[1] * 2  # rows_per_shard x dim x float16
+    limit = 3 * shard_bytes + 3 * 64  # three shard files (rows and index) at most, of the 14 read
+    with open_store(url, cache_dir=tmp_path / "cache", cache_bytes=limit) as reader:
+        rows = reader.get(TEACHER, "text", np.arange(108), dtype=None)
+        cached = sum(p.stat().st_size for p in (tmp_path / "cache").rglob("*") if p.is_file())
+    np.testing.assert_array_equal(rows, reference.rows["text"])
+    assert 0 < cached <= limit
+
+
+def test_hdf5_on_s3_is_refused_in_one_line(s3):
+    from store.errors import StoreError
+    from store.writer import FeatureStore
+
+    with pytest.raises(StoreError, match=r"s3://dsmd/x\.h5: HDF5 stores cannot live on object storage; use the zarr"):
+        FeatureStore.create_or_open("s3://dsmd/x.h5", dataset_fingerprint="fp", n_images=4, n_captions=4)
+
+
+def test_missing_bucket_and_unreachable_endpoint_are_one_line_errors(s3, tmp_path):
+    from s3_helpers import free_port
+
+    missing = subprocess.run([*DSMD, "store", "info", "s3://no-such-bucket/features.zarr"],
+                             capture_output=True, text=True)
+    assert missing.returncode != 0
+    assert "bucket 'no-such-bucket' does not exist" in missing.stdout + missing.stderr
+    assert "Traceback" not in missing.stdout + missing.stderr
+
+    env = {**os.environ, "AWS_ENDPOINT_URL": f"http://127.0.0.1:{free_port()}"}  # nothing listens there
+    started = time.monotonic()
+    down = subprocess.run([*DSMD, "store", "info", "s3://dsmd/features.zarr"], capture_output=True, text=True,
+                          env=env)
+    output = (down.stdout + down.stderr).strip()
+    assert down.returncode != 0 and "Traceback" not in output
+    line = [text for text in output.splitlines() if "s3://dsmd/features.zarr" in text]
+    assert line and "cannot reach the object store at http://127.0.0.1:" in line[0]
+    assert "AWS_ENDPOINT_URL" in line[0]
+    assert time.monotonic() - started < 60
+
+
+def test_two_dask_workers_fill_one_s3_store(s3, world, reference, tmp_path):
+    """Each worker process writes its own whole shards into the bucket; the result is the in-process one."""
+    from stages.extract.run import run_extract
+
+    url = "s3://dsmd/dask/features.zarr"
+    summary = run_extract(load(params_for(world, tmp_path, url, extract={
+        **base_params(world)["extract"], "store": url, "dask_workers": 2})))
+    assert summary.workers == 2 and summary.shards_written == SHARDS
+    assert len(s3_marks(url)) == SHARDS
+    assert_same_contents(read_store(url, world.canonical), reference)
+
+
+def test_convert_copies_an_s3_store_to_a_local_hdf5_file_exactly(s3_store, world, reference, tmp_path):
+    from store.convert import convert_store
+    from store.errors import StoreError
+    from store.extras import list_extras
+
+    url, _ = s3_store
+    summary = convert_store(url, tmp_path / "features.h5")
+    assert summary.backend == "hdf5" and summary.shards_written == SHARDS
+    assert_same_contents(read_store(tmp_path / "features.h5", world.canonical), reference)
+    with pytest.raises(StoreError, match="extras .* live only beside local stores"):
+        list_extras(url)
+
+
+def test_deleting_an_s3_store_refuses_foreign_objects_then_removes_only_the_store(s3):
+    import s3fs
+
+    from store.backends import delete_store, store_exists
+    from store.errors import StoreError
+    from store.testing import fill, unit_rows
+    from store.writer import FeatureStore
+
+    url = "s3://dsmd/deleted/features.zarr"
+    with FeatureStore.create_or_open(url, dataset_fingerprint="fp", n_images=20, n_captions=4, rows_per_shard=8,
+                                     rows_per_chunk=8) as store:
+        store.ensure_array("t", "image", 8)
+        fill(store, "t", "image", unit_rows(20, 8))
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    fs.pipe_file("dsmd/deleted/features.zarr/notes.txt", b"mine")
+    fs.pipe_file("dsmd/deleted/neighbour.txt", b"not the store's")
+    with pytest.raises(StoreError, match="also holds notes.txt, which no store holds: not deleting it"):
+        delete_store(url)
+    assert store_exists(url)
+    fs.rm_file("dsmd/deleted/features.zarr/notes.txt")
+    delete_store(url)
+    assert not store_exists(url)
+    assert fs.cat_file("dsmd/deleted/neighbour.txt") == b"not the store's"

@@ -2,12 +2,12 @@
 
 The trainer's real loop (`Trainer.train()`, as benchmarks/distill_throughput.py times it: decoding in loader
 workers, collate, store reads, forward, losses, backward, optimiser step) on the same data and student, with
-distill.views = off, replay and mismatch. What views add per step: reading the crop box, cropping the decoded
+distill.views = plain, replay and mismatch. What views add per step: reading the crop box, cropping the decoded
 image before the student's resize, and (replay) fetching K x D teacher values per image instead of D and keeping
 one view. The modes alternate for --repeats rounds in fresh output folders, so that drift on a busy machine hits
 every mode. Reported per mode: the median and the best round (another process can only slow a round down, so on
-a loaded machine the best round is the steadier figure), and from each the ratios replay / off and
-mismatch / off of the step time.
+a loaded machine the best round is the steadier figure), and from each the ratios replay / plain and
+mismatch / plain of the step time.
 
     python benchmarks/views.py                            # CPU, tiny student, K = 8
     python benchmarks/views.py --preset demo --views 4 --threads 1
@@ -16,7 +16,7 @@ Second, steadier on a busy machine: the data path alone (a batch's items read, d
 then collated with its teacher rows, in this process), the modes alternating batch by batch so that drift
 hits them alike, median per mode; and the bare model step of the same batch size (distill_throughput's
 bare_step_rate), which does not depend on the mode. Their sums estimate the step time of a loop that loads
-in-process; `data_*_over_off` and `inprocess_step_*_over_off` are those ratios.
+in-process; `data_*_over_plain` and `inprocess_step_*_over_plain` are those ratios.
 
 The store holds random unit features of the teacher's width for the plain images and for K views of each
 training image, and real boxes drawn by pipeline.data.views (the image sizes are the generated ones); nothing is
@@ -59,7 +59,7 @@ from stages.distill.methods import method_for  # noqa: E402
 from stages.distill.train import Trainer  # noqa: E402
 from store import FeatureStore  # noqa: E402
 
-MODES = ("off", "replay", "mismatch")
+MODES = ("plain", "replay", "mismatch")
 
 
 def add_views(canonical: Path, store_path: Path, views: int, dim: int) -> None:
@@ -103,7 +103,7 @@ def data_path_seconds(base, trainer: Trainer, batches: int) -> dict[str, float]:
         pairs = method.train_pairs(*method.valid())
         parts[mode] = (PairRows(ds, pairs, transform, views=method.view_plan(0)), method.collate(tokenize, 0))
     size = base.distill.batch_size
-    order = np.random.default_rng(0).permutation(len(parts["off"][0]))
+    order = np.random.default_rng(0).permutation(len(parts["plain"][0]))
     times: dict[str, list[float]] = {mode: [] for mode in MODES}
     for b in range(batches):
         chosen = order[(b * size) % (len(order) - size) :][:size]
@@ -122,7 +122,7 @@ def main() -> None:
     parser.add_argument("--views", type=int, default=8, help="K stored views per training image")
     parser.add_argument("--steps", type=int, default=12, help="measured steps per mode and round")
     parser.add_argument("--warmup", type=int, default=2, help="steps left out at the start of each run")
-    parser.add_argument("--repeats", type=int, default=3, help="rounds of off / replay / mismatch")
+    parser.add_argument("--repeats", type=int, default=3, help="rounds of plain / replay / mismatch")
     parser.add_argument("--data-batches", type=int, default=60, help="batches per mode for the data path alone")
     parser.add_argument("--workers", type=int, default=None, help="loader workers (default: 2 on CPU, 12 on CUDA)")
     parser.add_argument("--threads", type=int, default=0, help="CPU threads for torch (0: torch's default)")
@@ -172,28 +172,28 @@ def main() -> None:
         "all_pairs_per_s": {mode: [round(v, 2) for v in values] for mode, values in rates.items()},
         "data_ms_per_batch": {mode: round(1000 * value, 3) for mode, value in data.items()},
         "bare_step_ms": round(1000 * bare, 3),
-        "data_replay_over_off": round(data["replay"] / data["off"], 3),
-        "data_mismatch_over_off": round(data["mismatch"] / data["off"], 3),
-        "inprocess_step_replay_over_off": round((bare + data["replay"]) / (bare + data["off"]), 3),
-        "inprocess_step_mismatch_over_off": round((bare + data["mismatch"]) / (bare + data["off"]), 3),
+        "data_replay_over_plain": round(data["replay"] / data["plain"], 3),
+        "data_mismatch_over_plain": round(data["mismatch"] / data["plain"], 3),
+        "inprocess_step_replay_over_plain": round((bare + data["replay"]) / (bare + data["plain"]), 3),
+        "inprocess_step_mismatch_over_plain": round((bare + data["mismatch"]) / (bare + data["plain"]), 3),
     }
     for name, figures in (("median", median), ("best", best)):
         result[name] = {
             "pairs_per_s": {mode: round(value, 2) for mode, value in figures.items()},
-            # Step time over off's step time (the inverse of the rate ratio).
-            "replay_step_time_over_off": round(figures["off"] / figures["replay"], 3),
-            "mismatch_step_time_over_off": round(figures["off"] / figures["mismatch"], 3),
+            # Step time over plain's step time (the inverse of the rate ratio).
+            "replay_step_time_over_plain": round(figures["plain"] / figures["replay"], 3),
+            "mismatch_step_time_over_plain": round(figures["plain"] / figures["mismatch"], 3),
         }
         print(f"{args.preset} on {result['device']}, K = {args.views}, batch {sizes['batch']}, {args.workers} "
-              f"loader workers, {name} of {args.repeats} rounds: off {figures['off']:.1f}, replay "
-              f"{figures['replay']:.1f}, mismatch {figures['mismatch']:.1f} pairs/s; step time replay / off "
-              f"{result[name]['replay_step_time_over_off']:.3f}, mismatch / off "
-              f"{result[name]['mismatch_step_time_over_off']:.3f}", flush=True)
-    print(f"data path alone, median of {args.data_batches} alternating batches: off {1000 * data['off']:.1f}, "
-          f"replay {1000 * data['replay']:.1f}, mismatch {1000 * data['mismatch']:.1f} ms per batch (replay / off "
-          f"{result['data_replay_over_off']:.3f}); bare model step {1000 * bare:.1f} ms; in-process step estimate "
-          f"replay / off {result['inprocess_step_replay_over_off']:.3f}, mismatch / off "
-          f"{result['inprocess_step_mismatch_over_off']:.3f}", flush=True)
+              f"loader workers, {name} of {args.repeats} rounds: plain {figures['plain']:.1f}, replay "
+              f"{figures['replay']:.1f}, mismatch {figures['mismatch']:.1f} pairs/s; step time replay / plain "
+              f"{result[name]['replay_step_time_over_plain']:.3f}, mismatch / plain "
+              f"{result[name]['mismatch_step_time_over_plain']:.3f}", flush=True)
+    print(f"data path alone, median of {args.data_batches} alternating batches: plain {1000 * data['plain']:.1f}, "
+          f"replay {1000 * data['replay']:.1f}, mismatch {1000 * data['mismatch']:.1f} ms per batch (replay / plain "
+          f"{result['data_replay_over_plain']:.3f}); bare model step {1000 * bare:.1f} ms; in-process step estimate "
+          f"replay / plain {result['inprocess_step_replay_over_plain']:.3f}, mismatch / plain "
+          f"{result['inprocess_step_mismatch_over_plain']:.3f}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(result, indent=1) + "\n")
 

@@ -431,3 +431,31 @@ def test_a_stage_view_copies_with_changes_and_stays_a_view():
     with pytest.raises(UndeclaredSetting, match=r"stage extract read student"):
         replace_settings(view, student=cfg.student)
     assert replace_settings(cfg, teacher=other).teacher.name == "second"  # a plain Config as dataclasses.replace
+
+
+def _literal_choices(cls, prefix=""):
+    import typing
+
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls, include_extras=True)[f.name]
+        while typing.get_origin(hint) is typing.Annotated:
+            hint = typing.get_args(hint)[0]
+        if typing.get_origin(hint) is typing.Literal:
+            yield f"{prefix}{f.name}", typing.get_args(hint)
+        elif dataclasses.is_dataclass(hint):
+            yield from _literal_choices(hint, f"{prefix}{f.name}.")
+
+
+def test_every_choice_survives_an_unquoted_yaml_round_trip():
+    """`dvc exp run -S key=value` writes params.yaml back with values unquoted; a choice that YAML 1.1 reads as
+    something else (off, on, yes, no: booleans) would then fail the next run. Found with distill.views=off."""
+    from pipeline.config.schema import Config
+
+    checked = 0
+    for key, choices in _literal_choices(Config):
+        for choice in choices:
+            if choice == "":
+                continue  # every YAML writer quotes the empty string
+            assert yaml.safe_load(f"value: {choice}")["value"] == choice, f"{key}: {choice!r}"
+            checked += 1
+    assert checked >= 20  # the schema has many choices; an empty walk would pass vacuously

@@ -1,5 +1,5 @@
 """distill.views: the student's image is the stored view's crop, and "replay" distils that view's teacher row,
-"mismatch" the plain image's row, "off" everything as without views."""
+"mismatch" the plain image's row, "plain" everything as without views."""
 
 from __future__ import annotations
 
@@ -91,7 +91,7 @@ def test_off_is_the_plain_batch_of_before(world):
     from pipeline.data.canonical import CanonicalDataset
     from stages.distill.data import PairCollate, PairRows
 
-    ds, method, items, batch = _batch(world, "off")
+    ds, method, items, batch = _batch(world, "plain")
     assert batch.views is None and all(item[4] == -1 for item in items)
     before = PairRows(CanonicalDataset.load(world.canonical), method.train_pairs(*method.valid()), _transform)
     old = PairCollate(lambda texts: {"n": torch.tensor([len(t) for t in texts])}, lambda: method.reader, "beit3")
@@ -149,7 +149,7 @@ def test_views_without_stored_views_is_a_one_line_error(world, tmp_path):
     with pytest.raises(DsmdError, match="extract.views=K > 0"):
         Trainer(load(params))
     supervised = write_params(world, tmp_path / "s", {"distill": {"views": "mismatch", "method": "supervised"}})
-    with pytest.raises(DsmdError, match="distill.views=off"):
+    with pytest.raises(DsmdError, match="distill.views=plain"):
         Trainer(load(supervised))
 
 

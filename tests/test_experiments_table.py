@@ -78,10 +78,12 @@ def test_shipped_table_renders_every_run():
     document = load_saved(REPO / "results" / "ablations.json")
     md, _ = report_section(document, "results/ablations.json")
     text = "\n".join(md)
-    assert "8 runs" in text
-    # main and mcad as README's Experiments table has them.
-    assert "| main | True | True | True | True | True | dsmd | 0 | 14.1 | 13.7 | 236.4 | 233.0 | 1.015 |" in text
-    assert "| mcad | True | True | True | True | True | mcad | 0 | 16.3 | 14.9 | 255.1 | 233.0 | 1.095 |" in text
+    # The baseline commit and the nine headline seeds (dsmd, mcad, supervised x 3), as the README reports them.
+    assert "10 runs" in text
+    assert "| main | dsmd | 0 | 7.200 | 8.340 | 152.9 | 240.8 | 0.635 |" in text
+    assert "| mcad-seed-0 | mcad | 0 | 8.700 | 9.820 | 167.0 | 240.8 | 0.694 |" in text
+    assert "| supervised-seed-0 | supervised | 0 | 4.400 | 4.820 | 85.9 | 240.8 | 0.357 |" in text
+    assert text.index("## Distillation gain") < text.index("## Ablations and other experiments")
 
 
 def test_exp_show_columns_map_back_to_metrics_json_names(tmp_path):

@@ -281,8 +281,9 @@ class DistillConfig:
     load_store_in_ram: bool = False
     # Stored teacher views (extract.views > 0): "replay" crops the student's image with the view's box and
     # distils the view's teacher row; "mismatch" (the ablation) crops the same way but distils the plain image's
-    # row; "off" ignores the views (the plain image and row, as without them). Validation is always plain.
-    views: Literal["off", "replay", "mismatch"] = "off"
+    # row; "plain" ignores the views (the plain image and row, as without them). Validation is always plain.
+    # (Not "off": DVC writes `dvc exp run -S` values back unquoted, and YAML 1.1 then reads off as false.)
+    views: Literal["plain", "replay", "mismatch"] = "plain"
     # Which stored view an image uses in an epoch: "random" (drawn from distill.seed, epoch and image id) or
     # "cycle" (view (epoch + image id) mod K, so that every view comes round once in K epochs).
     view_order: Literal["random", "cycle"] = "random"

@@ -111,7 +111,7 @@ class PairCollate:
     """Tokenise the captions and fetch the batch's teacher rows; runs inside the loader workers."""
 
     def __init__(
-        self, tokenize: Callable[[list[str]], dict], open_reader: Callable, teacher: str, views: str = "off"
+        self, tokenize: Callable[[list[str]], dict], open_reader: Callable, teacher: str, views: str = "plain"
     ):
         self.tokenize = tokenize
         self.open_reader = open_reader

@@ -143,7 +143,7 @@ class McadCollate:
         open_reader: Callable,
         teachers: Sequence[str],
         fused_teacher: str,
-        views: str = "off",
+        views: str = "plain",
     ):
         self.tokenize = tokenize
         self.open_reader = open_reader

@@ -73,7 +73,7 @@ class DsmdMethod:
         self.reader = self._open_reader(in_memory)
         self.views = cfg.distill.views
         self._boxes = None
-        if self.views != "off":
+        if self.views != "plain":
             check_views(self.reader, str(cfg.extract.store), self._view_teachers(), self.views)
 
     def _view_teachers(self) -> list[str]:
@@ -81,7 +81,7 @@ class DsmdMethod:
 
     def view_plan(self, epoch: int) -> ViewPlan | None:
         """The stored view each training image is cropped to in ``epoch`` (None: the plain images)."""
-        if self.views == "off":
+        if self.views == "plain":
             return None
         if self._boxes is None:
             self._boxes = load_boxes(self.reader, self.teacher)
@@ -103,13 +103,13 @@ class DsmdMethod:
         return self.reader.valid(self.teacher, "image"), self.reader.valid(self.teacher, "text")
 
     def train_pairs(self, image_valid: np.ndarray, text_valid: np.ndarray) -> np.ndarray:
-        if self.views != "off":  # an image trains only with its stored views (a bad image has none)
+        if self.views != "plain":  # an image trains only with its stored views (a bad image has none)
             image_valid = image_valid & view_valid(self.reader, self._view_teachers())
         return usable_pairs(self.ds, "train", image_valid, text_valid)
 
     def provenance(self) -> dict:
         provenance = self.reader.provenance(self.teacher, "image").get("teacher", {})
-        if self.views != "off":  # another set of views is other targets: a checkpoint must not resume across
+        if self.views != "plain":  # another set of views is other targets: a checkpoint must not resume across
             provenance = {**provenance, "views": self.reader.provenance(self.teacher, "image_view").get("views")}
         return provenance
 
@@ -167,13 +167,13 @@ class McadMethod(DsmdMethod):
 
     def train_pairs(self, image_valid: np.ndarray, text_valid: np.ndarray) -> np.ndarray:
         pairs = mcad_usable_pairs(self.ds, "train", self.reader, self.mcad.teachers, self.mcad.fused_teacher)
-        if self.views != "off":
+        if self.views != "plain":
             pairs = pairs[view_valid(self.reader, self._view_teachers())[self.ds.caption_image_ids()[pairs]]]
         return pairs
 
     def provenance(self) -> dict:
         provenance = mcad_provenance(self.reader, self.mcad, self.cfg.extract.store, self.ds.fingerprint)
-        if self.views != "off":
+        if self.views != "plain":
             provenance["views"] = self.reader.provenance(self.teacher, "image_view").get("views")
         return provenance
 
@@ -204,10 +204,10 @@ class SupervisedMethod:
     reader = None
 
     def __init__(self, cfg: Config, ds: CanonicalDataset, in_memory: bool):
-        if cfg.distill.views != "off":
+        if cfg.distill.views != "plain":
             raise DsmdError(
                 f"distill.views={cfg.distill.views} replays stored teacher views, but distill.method=supervised "
-                "reads no store: set distill.views=off"
+                "reads no store: set distill.views=plain"
             )
         self.cfg, self.ds = cfg, ds
 

@@ -36,13 +36,13 @@ class ViewPlan:
 
 
 def check_views(reader, store: str, teachers: list[str], mode: str) -> None:
-    """distill.views other than off needs every teacher's stored views; say how to make them."""
+    """distill.views other than plain needs every teacher's stored views; say how to make them."""
     for name in teachers:
         missing = [kind for kind in (VIEW_KIND, BOX_KIND) if (name, kind) not in reader.arrays()]
         if missing:
             raise DsmdError(
                 f"distill.views={mode}: {store} has no {name}/{missing[0]} (the stored teacher views); run dsmd "
-                "extract with extract.views=K > 0, or set distill.views=off"
+                "extract with extract.views=K > 0, or set distill.views=plain"
             )
 
 
@@ -64,7 +64,7 @@ def view_valid(reader, teachers: list[str]) -> np.ndarray:
 
 def teacher_image_rows(reader, teacher: str, image_ids: np.ndarray, views: np.ndarray | None, mode: str):
     """(rows (B, D) float32, the array they came from): the chosen view's rows under "replay", else the plain
-    image rows ("mismatch" and "off", and validation)."""
+    image rows ("mismatch" and "plain", and validation)."""
     if mode != "replay" or views is None:
         return reader.get(teacher, "image", image_ids), f"{teacher}/image"
     if (views < 0).any():

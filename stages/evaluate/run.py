@@ -219,6 +219,9 @@ def run_evaluate(cfg: Config) -> dict:
     }
     train_log = Path(cfg.distill.out_dir) / "train_log.csv"
     n_pca = min(len(images), 500)
+    # The overlay compares a student with the teacher it was distilled into; the no-teacher baseline learns a space
+    # of its own (of any width, distill.supervised.dim), where a shared projection means nothing.
+    in_teacher_space = card.get("method") != "supervised" and teacher_image.shape[1] == image_emb.shape[1]
     written = write_report(
         out,
         dataset_name=ds.name,
@@ -227,7 +230,7 @@ def run_evaluate(cfg: Config) -> dict:
         chance=chance,
         curves=curves,
         train_log=train_log if train_log.exists() else None,
-        pca_feats=(teacher_image[:n_pca], image_emb[:n_pca]),
+        pca_feats=(teacher_image[:n_pca], image_emb[:n_pca]) if in_teacher_space else None,
         examples=_examples(ds, texts, caption_image_ids, text_emb, image_index, ev.examples),
         extra=extra,
         other_teachers=other_teachers,

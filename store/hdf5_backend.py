@@ -24,7 +24,7 @@ import numpy as np
 
 from store.errors import StoreCorruptError, StoreError, corrupt_shard
 from store.layout import KINDS, Layout
-from store.marks import ShardMark
+from store.marks import ShardMark, collect_marks
 
 ROOT_KEY = "dsmd_store"
 ARRAY_KEY = "dsmd_array"
@@ -139,20 +139,11 @@ class Hdf5Backend:
 
     def read_marks(self, teacher: str, kind: str, unreadable: dict[int, str] | None = None) -> dict[int, ShardMark]:
         """Shard -> mark; see ZarrBackend.read_marks."""
-        marks = {}
         with self._file() as handle:
             group = handle.get(f"{MARKS_GROUP}/{teacher}/{kind}")
-            for name in sorted(group.keys()) if group is not None else []:
-                try:
-                    mark = self._mark(group[name], f"{self.path}:{group.name}/{name}")
-                except StoreCorruptError as exc:
-                    shard = name.removeprefix("shard-")
-                    if unreadable is None or not shard.isdigit():
-                        raise
-                    unreadable[int(shard)] = str(exc).split("; ")[0]
-                    continue
-                marks[mark.shard] = mark
-        return marks
+            names = sorted(group.keys()) if group is not None else []
+            return collect_marks(((name, lambda name=name: self._mark(group[name], f"{self.path}:{group.name}/{name}"))
+                                  for name in names), unreadable)
 
     def _mark(self, dataset: h5py.Dataset, where: str) -> ShardMark:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 from store.errors import StoreCorruptError, repair_hint
@@ -91,3 +92,22 @@ class ShardMark:
             raise StoreCorruptError(
                 f"{where}: shard completion mark is unreadable ({exc}); {repair_hint(store or where)}"
             ) from None
+
+
+def collect_marks(
+    entries: Iterable[tuple[str, Callable[[], ShardMark]]], unreadable: dict[int, str] | None = None
+) -> dict[int, ShardMark]:
+    """Shard -> mark from (label "shard-N", read) pairs, the backends' one rule for a damaged mark: it raises
+    StoreCorruptError, or with ``unreadable`` given is listed there (shard -> why) and left out."""
+    marks = {}
+    for label, read in entries:
+        try:
+            mark = read()
+        except StoreCorruptError as exc:
+            shard = label.removeprefix("shard-")
+            if unreadable is None or not shard.isdigit():
+                raise
+            unreadable[int(shard)] = str(exc).split("; ")[0]
+            continue
+        marks[mark.shard] = mark
+    return marks

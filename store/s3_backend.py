@@ -26,9 +26,9 @@ import zarr
 import zarr.storage
 from zarr.errors import ContainsArrayError
 
-from store.errors import StoreCorruptError, StoreError, corrupt_shard
+from store.errors import StoreError, corrupt_shard
 from store.layout import KINDS, Layout
-from store.marks import ShardMark
+from store.marks import ShardMark, collect_marks
 from store.remote import ShardCache, StoreUrl, remote_errors, s3_filesystem
 from store.zarr_backend import _WRITE_CONFIG, ARRAY_KEY, ROOT_KEY, _contiguous_offset
 
@@ -161,18 +161,8 @@ class S3ZarrBackend:
         with remote_errors(self.path):
             keys = sorted(self.fs.glob(self._key(teacher, kind, "marks", "shard-*.json")))
             bodies = self.fs.cat(keys) if keys else {}
-        marks = {}
-        for key in keys:
-            try:
-                mark = ShardMark.from_json(bodies[key].decode(errors="replace"), f"s3://{key}", self.path)
-            except StoreCorruptError as exc:
-                shard = key.rsplit("/", 1)[-1].removeprefix("shard-").removesuffix(".json")
-                if unreadable is None or not shard.isdigit():
-                    raise
-                unreadable[int(shard)] = str(exc).split("; ")[0]
-                continue
-            marks[mark.shard] = mark
-        return marks
+        return collect_marks(((key.rsplit("/", 1)[-1].removesuffix(".json"), lambda key=key: ShardMark.from_json(
+            bodies[key].decode(errors="replace"), f"s3://{key}", self.path)) for key in keys), unreadable)
 
     # -- reading ------------------------------------------------------------------------------------
     def local_copy(self, teacher: str, kind: str, shard: int, mark: ShardMark) -> Path:

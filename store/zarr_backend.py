@@ -31,7 +31,7 @@ import zarr.storage
 from store.errors import StoreCorruptError, StoreError, corrupt_shard
 from store.fsutil import RangeLock, atomic_write_text, fsync_dir, remove_durably, sync_and_hash
 from store.layout import KINDS, Layout
-from store.marks import ShardMark
+from store.marks import ShardMark, collect_marks
 
 ROOT_KEY = "dsmd_store"
 ARRAY_KEY = "dsmd_array"
@@ -181,19 +181,10 @@ class ZarrBackend:
     def read_marks(self, teacher: str, kind: str, unreadable: dict[int, str] | None = None) -> dict[int, ShardMark]:
         """Shard -> mark. An unreadable mark raises StoreCorruptError, or with `unreadable` given is listed
         there (shard -> why) and left out."""
-        marks = {}
-        for path in sorted((self.path / teacher / kind / "marks").glob("shard-*.json")):
-            try:
-                mark = ShardMark.from_json(path.read_text(encoding="utf-8", errors="replace"), str(path),
-                                           str(self.path))
-            except StoreCorruptError as exc:
-                shard = path.stem.removeprefix("shard-")
-                if unreadable is None or not shard.isdigit():
-                    raise
-                unreadable[int(shard)] = str(exc).split("; ")[0]
-                continue
-            marks[mark.shard] = mark
-        return marks
+        paths = sorted((self.path / teacher / kind / "marks").glob("shard-*.json"))
+        return collect_marks(((path.stem, lambda path=path: ShardMark.from_json(
+            path.read_text(encoding="utf-8", errors="replace"), str(path), str(self.path))) for path in paths),
+            unreadable)
 
     # -- reading ------------------------------------------------------------------------------------
     def shard_location(

@@ -230,10 +230,7 @@ class ExtractWorker:
                 ok = batch.ok.numpy()
                 if ok.any():
                     values[local[ok]] = _to_numpy(self.teacher.encode_images(batch.pixels))
-                if not ok.all():
-                    for row, good, reason in zip(batch.ids.tolist(), ok.tolist(), batch.reasons, strict=True):
-                        if not good:
-                            skipped[row] = reason
+                _record_skips(batch, ok, skipped)
                 result.rows_encoded += len(local)
                 if on_rows:
                     on_rows(len(local))
@@ -279,9 +276,7 @@ class ExtractWorker:
                     ])
                     rows[local[ok]] = encoded.reshape(-1, k * dim)
                     boxes[local[ok]] = batch.boxes.numpy().reshape(-1, 4 * k)
-                for row, good, reason in zip(batch.ids.tolist(), ok.tolist(), batch.reasons, strict=True):
-                    if not good:
-                        skipped[row] = reason
+                _record_skips(batch, ok, skipped)
                 result.rows_encoded += len(local)
                 if on_rows:
                     on_rows(len(local))
@@ -333,3 +328,11 @@ def fill_on_worker(cfg: Config, tasks: list[ShardTask], local_index: int = 0, pr
         result = worker.fill(tasks)
     result.notes += notes
     return result
+
+
+def _record_skips(batch, ok: np.ndarray, skipped: dict[int, str]) -> None:
+    """The rows of ``batch`` whose image could not be used, with the loader's reason."""
+    if not ok.all():
+        for row, good, reason in zip(batch.ids.tolist(), ok.tolist(), batch.reasons, strict=True):
+            if not good:
+                skipped[row] = reason

@@ -287,6 +287,14 @@ class DistillConfig:
     # Which stored view an image uses in an epoch: "random" (drawn from distill.seed, epoch and image id) or
     # "cycle" (view (epoch + image id) mod K, so that every view comes round once in K epochs).
     view_order: Literal["random", "cycle"] = "random"
+    # The order of pairs in an epoch (stages.distill.order): "shuffle" permutes all pairs, so every batch reads
+    # rows from anywhere in the store: best while the store fits the page cache or extract.cache_gb. "blocks"
+    # reads the store (and WebDataset tars) block by block: blocks of order_block_rows consecutive image ids
+    # (0 = the store's rows_per_shard) in a random order, order_window blocks at a time mixed by a permutation of
+    # their pairs, so the shard cache needs only a window's shards (billion-pair stores on S3).
+    order: Literal["shuffle", "blocks"] = "shuffle"
+    order_block_rows: NonNegInt = 0
+    order_window: PosInt = 8
     tensorboard: bool = False
     # Validation after each epoch picks the student that is kept (best RSUM, the sum of Recall@K over val_ks in
     # both directions). The same values as evaluate.ks by default, but distill's own: DVC reruns distill when

@@ -4,9 +4,10 @@ Every caption of the split is one pair (its image, itself). Pairs whose image or
 row (a bad image skipped at extraction) are left out up front (pipeline.data.pairs.usable_pairs), so every
 stage skips the same items.
 
-The order is a seeded permutation per epoch, cut into global batches; rank r of W takes its slice of each
-global batch. So a run on W ranks sees exactly the global batches of a single-process run with the same
-batch size, and a resumed run starts at the batch where the checkpoint stopped.
+The order is a seeded permutation per epoch (or block by block: stages.distill.order), cut into global
+batches; rank r of W takes its slice of each global batch. So a run on W ranks sees exactly the global batches
+of a single-process run with the same batch size, and a resumed run starts at the batch where the checkpoint
+stopped.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ from pipeline.data.images import BadImageError, load_rgb
 from pipeline.data.views import crop_view
 from pipeline.errors import DsmdError
 from stages.distill.guard import bad_teacher_rows, describe_rows
+from stages.distill.order import epoch_order
 from stages.distill.views import ViewPlan, teacher_image_rows
 
 
@@ -154,6 +156,8 @@ class EpochBatches(Sampler[list[int]]):
 
     ``group``: the number of batches per epoch is rounded down to a multiple of it, so that with gradient
     accumulation over ``group`` micro-batches no epoch ends in the middle of an optimiser step.
+    ``blocks`` and ``window``: the item order goes block by block (stages.distill.order, distill.order blocks);
+    without blocks it is a full permutation.
     """
 
     def __init__(
@@ -167,12 +171,15 @@ class EpochBatches(Sampler[list[int]]):
         world: int = 1,
         start_batch: int = 0,
         group: int = 1,
+        blocks: np.ndarray | None = None,
+        window: int = 1,
     ):
         if batch_size % world:
             raise ValueError(f"batch size {batch_size} is not divisible by {world} ranks")
         self.n_items, self.batch_size = n_items, batch_size
         self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world
         self.start_batch, self.group = start_batch, group
+        self.blocks, self.window = blocks, window
 
     @staticmethod
     def batches_per_epoch(n_items: int, batch_size: int, group: int = 1) -> int:
@@ -185,7 +192,7 @@ class EpochBatches(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = torch.randperm(self.n_items, generator=generator)
+        order = epoch_order(self.n_items, generator, self.blocks, self.window)
         per_rank = self.batch_size // self.world
         for batch in range(self.start_batch, self.batches_per_epoch(self.n_items, self.batch_size, self.group)):
             start = batch * self.batch_size + self.rank * per_rank

@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
+from pipeline.console import console
 from pipeline.data.canonical import CanonicalDataset
 from pipeline.data.pairs import usable_pairs
 from pipeline.errors import DsmdError
@@ -17,6 +18,7 @@ from stages.distill.context import RunContext
 from stages.distill.data import EpochBatches, PairRows
 from stages.distill.ddp import barrier
 from stages.distill.methods import Method, method_for
+from stages.distill.order import image_blocks
 
 
 class Tokenize:
@@ -38,6 +40,7 @@ class TrainingData:
     train_pairs: np.ndarray  # caption ids
     val_images: np.ndarray
     val_captions: np.ndarray
+    blocks: np.ndarray | None = None  # each training pair's block (distill.order blocks), else None
 
 
 def load_training_data(ctx: RunContext) -> TrainingData:
@@ -56,7 +59,26 @@ def load_training_data(ctx: RunContext) -> TrainingData:
     val_images = ds.image_ids("val")
     val_images = val_images[image_valid[val_images]]
     val_captions = usable_pairs(ds, "val", image_valid, text_valid)
-    return TrainingData(ds, method, dim, train_pairs, val_images, val_captions)
+    blocks = pair_blocks(ctx, ds, method, train_pairs)
+    return TrainingData(ds, method, dim, train_pairs, val_images, val_captions, blocks)
+
+
+def pair_blocks(ctx: RunContext, ds: CanonicalDataset, method: Method, train_pairs: np.ndarray) -> np.ndarray | None:
+    """Each training pair's block of image ids for distill.order=blocks (stages.distill.order), else None."""
+    dc = ctx.cfg.distill
+    if dc.order == "shuffle":
+        return None
+    # A store shard of image rows by default; the no-teacher baseline reads no store, so extract's shard size.
+    store_rows = method.reader.layout.rows_per_shard if method.reader is not None else ctx.cfg.extract.rows_per_shard
+    block_rows = dc.order_block_rows or store_rows
+    blocks = image_blocks(ds.caption_image_ids()[train_pairs], block_rows)
+    if ctx.ranks.is_main:
+        n_blocks = len(np.unique(blocks))
+        console.print(
+            f"order: blocks of {block_rows} image ids, {min(dc.order_window, n_blocks)} of {n_blocks} at a time "
+            f"(a batch mixes at most {min(2 * dc.order_window, n_blocks)} blocks)"
+        )
+    return blocks
 
 
 def student_tokenizer(ctx: RunContext, ds: CanonicalDataset):
@@ -89,6 +111,8 @@ def train_loader(ctx: RunContext, data: TrainingData, student, epoch: int, start
         world=ctx.ranks.world,
         start_batch=start_batch,
         group=dc.grad_accum,
+        blocks=data.blocks,
+        window=dc.order_window,
     )
     tokenize = Tokenize(student.tokenizer, ctx.cfg.student.max_text_len)
     collate = data.method.collate(tokenize, dc.loader_workers)

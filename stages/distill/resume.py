@@ -30,6 +30,13 @@ RUNTIME_SETTINGS = {
     "device", "loader_workers", "checkpoint_every", "checkpoint_minutes", "out_dir", "tensorboard",
     "load_store_in_ram", "epochs", "val_batch_size",
 }
+# Settings added after checkpoints were already being written, with the value that trains as before they
+# existed: left out of the digest at that value, so that a checkpoint written before them still resumes.
+ADDED_LATER = {
+    "distill": {"views": "plain", "view_order": "random", "order": "shuffle", "order_block_rows": 0,
+                "order_window": 8},
+    "student": {"vision_width": 0, "vision_depth": 0, "vision_heads": 0},
+}
 
 
 def config_digest(cfg: Config, dataset_fingerprint: str, teacher_provenance: dict | None = None) -> str:
@@ -37,12 +44,16 @@ def config_digest(cfg: Config, dataset_fingerprint: str, teacher_provenance: dic
     teacher features were made (a store re-extracted with another checkpoint gives other targets)."""
     distill = {k: v for k, v in dataclasses.asdict(cfg.distill).items() if k not in RUNTIME_SETTINGS}
     payload = {
-        "student": dataclasses.asdict(cfg.student),
-        "distill": distill,
+        "student": _without_neutral(dataclasses.asdict(cfg.student), ADDED_LATER["student"]),
+        "distill": _without_neutral(distill, ADDED_LATER["distill"]),
         "dataset": dataset_fingerprint,
         "teacher": teacher_provenance or {},
     }
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def _without_neutral(settings: dict, neutral: dict) -> dict:
+    return {k: v for k, v in settings.items() if k not in neutral or v != neutral[k]}
 
 
 @dataclass

@@ -29,7 +29,7 @@ from zarr.errors import ContainsArrayError
 from store.errors import StoreError, corrupt_shard
 from store.layout import KINDS, Layout
 from store.marks import ShardMark, collect_marks
-from store.remote import ShardCache, StoreUrl, remote_errors, s3_filesystem
+from store.remote import ShardCache, StoreUrl, checked_filesystem, remote_errors
 from store.zarr_backend import _WRITE_CONFIG, ARRAY_KEY, ROOT_KEY, _contiguous_offset
 
 
@@ -42,9 +42,7 @@ class S3ZarrBackend:
         self.path = url
         self.writable = writable
         self.cache = cache or ShardCache()
-        self.fs = s3_filesystem()
-        with remote_errors(url):
-            self.fs.ls(url.bucket)  # reachability, bucket and credentials, reported here in one line
+        self.fs = checked_filesystem(url)
         self._zstore = zarr.storage.FsspecStore.from_url(
             url, read_only=not writable, storage_options={"skip_instance_cache": True, "use_listings_cache": False}
         )

@@ -225,15 +225,11 @@ def test_two_dask_workers_fill_one_s3_store(s3, world, reference, tmp_path):
 
 def test_convert_copies_an_s3_store_to_a_local_hdf5_file_exactly(s3_store, world, reference, tmp_path):
     from store.convert import convert_store
-    from store.errors import StoreError
-    from store.extras import list_extras
 
     url, _ = s3_store
     summary = convert_store(url, tmp_path / "features.h5")
     assert summary.backend == "hdf5" and summary.shards_written == SHARDS
     assert_same_contents(read_store(tmp_path / "features.h5", world.canonical), reference)
-    with pytest.raises(StoreError, match="extras .* live only beside local stores"):
-        list_extras(url)
 
 
 def test_deleting_an_s3_store_refuses_foreign_objects_then_removes_only_the_store(s3):

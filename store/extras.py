@@ -5,6 +5,8 @@ sha256 of the values). It lives in one `.npz` file, written atomically:
 - zarr store (a directory):  PATH/_extras/<name>.npz   (inside the store, so copies and DVC carry it along;
   '_extras' cannot clash with a teacher, whose names start with a letter or digit)
 - HDF5 store (a file):       PATH.extras/<name>.npz    (beside it: HDF5 allows one writer and is not crash-safe)
+- zarr store on S3:          URL/_extras/<name>.npz    (an object, the same key as the local file; uploaded whole,
+  read back and checked: store/s3_extras.py, which alone touches fsspec, so local extras never import it)
 Extras are not shards: `dsmd store convert` does not copy them and `verify` does not look at them.
 numpy only, like the rest of the store.
 """
@@ -12,6 +14,7 @@ numpy only, like the rest of the store.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import re
@@ -22,7 +25,7 @@ import numpy as np
 
 from store.errors import StoreCorruptError, StoreError
 from store.fsutil import disk_full_as_store_error, fsync_dir, removed_on_error
-from store.remote import is_remote
+from store.remote import StoreUrl, store_location
 
 __all__ = ["Extra", "extras_dir", "put_extra", "get_extra", "has_extra", "list_extras"]
 
@@ -46,22 +49,28 @@ def _check_name(name: str) -> str:
     return name
 
 
+def _s3():
+    """store/s3_extras.py, imported for s3:// stores only: local extras never load fsspec."""
+    from store import s3_extras
+
+    return s3_extras
+
+
 def _store_exists(path: Path) -> bool:
     return (path / "zarr.json").is_file() if path.is_dir() else path.is_file()
 
 
-def extras_dir(store_path: str | Path) -> Path:
+def extras_dir(store_path: str | Path) -> Path | StoreUrl:
     """Where the extras of the store at `store_path` live (see the module docstring)."""
-    if is_remote(store_path):
-        raise StoreError(f"{store_path}: store extras (the MCAD alignment maps) live only beside local stores; "
-                         "use a local extract.store for MCAD runs")
-    path = Path(store_path)
+    path = store_location(store_path)
+    if isinstance(path, StoreUrl):
+        return _s3().extras_url(path)
     if path.is_dir():
         return path / "_extras"
     return path.with_name(path.name + ".extras")
 
 
-def _file(store_path: str | Path, name: str) -> Path:
+def _file(store_path: str | Path, name: str) -> Path | StoreUrl:
     return extras_dir(store_path) / f"{_check_name(name)}.npz"
 
 
@@ -72,11 +81,14 @@ def _sha256(values: np.ndarray) -> str:
 
 def put_extra(
     store_path: str | Path, name: str, value: np.ndarray, *, dataset_fingerprint: str, provenance: dict | None = None
-) -> Path:
-    """Write (or replace) the extra `name` of the store at `store_path`; returns the file written."""
-    extras_dir(store_path)  # refuses an s3:// store before anything else
-    path = Path(store_path)
-    if not _store_exists(path):
+) -> Path | StoreUrl:
+    """Write (or replace) the extra `name` of the store at `store_path`; returns the file (or object) written."""
+    path = store_location(store_path)
+    if isinstance(path, StoreUrl):
+        exists = _s3().store_exists(path)
+    else:
+        exists = _store_exists(path)
+    if not exists:
         raise StoreError(f"{path}: no feature store there; run dsmd extract first, then add extras to it")
     value = np.asarray(value)
     if value.dtype.kind not in "fiub":
@@ -97,11 +109,18 @@ def put_extra(
     except (TypeError, ValueError) as exc:
         raise StoreError(f"provenance of extra {name!r} must be plain JSON data: {exc}") from None
     target = _file(path, name)
+
+    def write(handle) -> None:
+        np.savez(handle, value=value, record=np.array(record_text))
+
+    if isinstance(target, StoreUrl):
+        _s3().put(target, write)
+        return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     with disk_full_as_store_error(target), removed_on_error(tmp):
         with open(tmp, "wb") as handle:
-            np.savez(handle, value=value, record=np.array(record_text))
+            write(handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, target)
@@ -110,11 +129,16 @@ def put_extra(
 
 
 def has_extra(store_path: str | Path, name: str) -> bool:
-    return _file(store_path, name).is_file()
+    target = _file(store_path, name)
+    if isinstance(target, StoreUrl):
+        return _s3().exists(target)
+    return target.is_file()
 
 
 def list_extras(store_path: str | Path) -> list[str]:
     directory = extras_dir(store_path)
+    if isinstance(directory, StoreUrl):
+        return _s3().names(directory)
     if not directory.is_dir():
         return []
     return sorted(p.stem for p in directory.glob("*.npz") if not p.name.startswith("."))
@@ -123,12 +147,17 @@ def list_extras(store_path: str | Path) -> list[str]:
 def get_extra(store_path: str | Path, name: str, *, dataset_fingerprint: str | None = None) -> Extra:
     """Read the extra `name`; StoreError when it is missing, damaged or made for another dataset."""
     target = _file(store_path, name)
-    if not target.is_file():
+    if isinstance(target, StoreUrl):
+        body = _s3().read(target)
+        source = None if body is None else io.BytesIO(body)
+    else:
+        source = target if target.is_file() else None
+    if source is None:
         present = ", ".join(list_extras(store_path)) or "none"
         raise StoreError(f"{store_path}: no extra {name!r} in this store (present: {present})")
     remake = "make it again (`dsmd extract-pairs` refits damaged alignment maps)"
     try:
-        with np.load(target, allow_pickle=False) as data:
+        with np.load(source, allow_pickle=False) as data:
             value = data["value"]
             record = json.loads(str(data["record"]))
         if not isinstance(record, dict):

@@ -79,6 +79,15 @@ def s3_filesystem():
                              config_kwargs={"connect_timeout": 10, "retries": {"max_attempts": 2}})
 
 
+def checked_filesystem(url: StoreUrl):
+    """s3_filesystem(), after a look at the bucket: an unreachable endpoint, a missing bucket or refused credentials
+    are reported here in one line naming `url`, not later as a misleading "not found"."""
+    fs = s3_filesystem()
+    with remote_errors(url):
+        fs.ls(url.bucket)
+    return fs
+
+
 def remote_problem(url: str, exc: BaseException) -> str | None:
     """The one-line message for a storage failure (reachability, bucket, credentials), or None for others."""
     name = type(exc).__name__

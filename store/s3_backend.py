@@ -1,6 +1,7 @@
 """Zarr stores on S3-compatible object storage (``s3://bucket/prefix``): the same objects as a local zarr
 store's files (zarr.json, ``<teacher>/<kind>/c/<shard>/0``, ``<teacher>/<kind>/marks/shard-NNNNNN.json``),
-so a store copied between disk and bucket with any tool stays a store.
+so a store copied between disk and bucket with any tool stays a store. Its extras (``_extras/<name>.npz``) are
+store/s3_extras.py's.
 
 Crash safety rests on S3 making an object visible whole or not at all: a shard is one PUT, read back and
 hashed, and only then its mark is PUT. A writer killed mid-shard leaves no object or an unmarked one, which the
@@ -29,8 +30,8 @@ from zarr.errors import ContainsArrayError
 from store.errors import StoreError, corrupt_shard
 from store.layout import KINDS, Layout
 from store.marks import ShardMark, collect_marks
-from store.remote import ShardCache, StoreUrl, remote_errors, s3_filesystem
-from store.zarr_backend import _WRITE_CONFIG, ARRAY_KEY, ROOT_KEY, _contiguous_offset
+from store.remote import ShardCache, StoreUrl, checked_filesystem, remote_errors
+from store.zarr_backend import _WRITE_CONFIG, ARRAY_KEY, EXTRAS_DIR, ROOT_KEY, _contiguous_offset
 
 
 class S3ZarrBackend:
@@ -42,9 +43,7 @@ class S3ZarrBackend:
         self.path = url
         self.writable = writable
         self.cache = cache or ShardCache()
-        self.fs = s3_filesystem()
-        with remote_errors(url):
-            self.fs.ls(url.bucket)  # reachability, bucket and credentials, reported here in one line
+        self.fs = checked_filesystem(url)
         self._zstore = zarr.storage.FsspecStore.from_url(
             url, read_only=not writable, storage_options={"skip_instance_cache": True, "use_listings_cache": False}
         )
@@ -238,7 +237,7 @@ class S3ZarrBackend:
                 if entry["type"] != "directory":
                     if name != "zarr.json":
                         foreign.append(name)
-                elif not all(sub.rsplit("/", 1)[-1] in (*KINDS, "zarr.json")
+                elif name != EXTRAS_DIR and not all(sub.rsplit("/", 1)[-1] in (*KINDS, "zarr.json")
                              for sub in self.fs.ls(entry["name"], detail=False)):
                     foreign.append(name)
             if foreign:

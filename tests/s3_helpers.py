@@ -8,6 +8,7 @@ need Docker or a separate binary, and nothing outside PyPI is reachable here.
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import socket
 from collections.abc import Iterator
@@ -53,3 +54,29 @@ def make_bucket(name: str) -> None:
     import s3fs
 
     s3fs.S3FileSystem(skip_instance_cache=True).mkdir(name)
+
+
+@contextlib.contextmanager
+def credentials_enforced(endpoint: str) -> Iterator[tuple[str, str]]:
+    """Make the running moto server check signatures: yield the key id and secret of an IAM user allowed every S3
+    action; any other key, or this key with another secret, is refused as AWS refuses it.
+
+    moto accepts any credentials until told otherwise; its server mode's /moto-api/reset-auth (what moto's own
+    set_initial_no_auth_action_count decorator calls against a server) switches checking on. The switch is
+    moto's process-wide setting, so it is put back on exit, before any other test talks to a moto server."""
+    import boto3
+    import requests
+
+    iam = boto3.client("iam", endpoint_url=endpoint)
+    user = f"dsmd-{free_port()}"  # moto keeps its IAM users for the whole process: a fresh name each time
+    iam.create_user(UserName=user)
+    iam.put_user_policy(UserName=user, PolicyName="s3", PolicyDocument=json.dumps({
+        "Version": "2012-10-17", "Statement": [{"Effect": "Allow", "Action": "s3:*", "Resource": "*"}]}))
+    key = iam.create_access_key(UserName=user)["AccessKey"]
+    answer = requests.post(f"{endpoint}/moto-api/reset-auth", data=b"0", timeout=30)
+    answer.raise_for_status()
+    before = answer.json()["PREVIOUS_INITIAL_NO_AUTH_ACTION_COUNT"]
+    try:
+        yield key["AccessKeyId"], key["SecretAccessKey"]
+    finally:
+        requests.post(f"{endpoint}/moto-api/reset-auth", data=before.encode(), timeout=30).raise_for_status()

@@ -211,6 +211,32 @@ def test_missing_bucket_and_unreachable_endpoint_are_one_line_errors(s3, tmp_pat
     assert time.monotonic() - started < 60
 
 
+def test_wrong_credentials_are_one_line_errors(s3, s3_store):
+    """The server checks signatures here (s3_helpers.credentials_enforced): the right key reads the store, a wrong
+    secret or an unknown key stops `dsmd store info` and `dsmd extract` with the refused-credentials line."""
+    from s3_helpers import credentials_enforced
+
+    url, params = s3_store
+    with credentials_enforced(s3) as (key_id, secret):
+        def run(key: str, secret: str, *args: str) -> subprocess.CompletedProcess:
+            env = {**os.environ, "AWS_ACCESS_KEY_ID": key, "AWS_SECRET_ACCESS_KEY": secret}
+            return subprocess.run([*DSMD, *args], capture_output=True, text=True, env=env, cwd=params.parent)
+
+        allowed = run(key_id, secret, "store", "info", url, "--json")
+        assert allowed.returncode == 0, allowed.stderr[-2000:]
+        assert json.loads(allowed.stdout)["path"] == url
+        for key, wrong, answer in ((key_id, secret[::-1], "signature we calculated does not match"),
+                                   ("AKIADSMDNOSUCHKEY000", secret, "Access Key Id you provided does not exist")):
+            for args in (("store", "info", url), ("--params", str(params), "extract")):
+                done = run(key, wrong, *args)
+                output = (done.stdout + done.stderr).strip()
+                assert done.returncode != 0 and "Traceback" not in output, output[-2000:]
+                line = [text for text in output.splitlines() if text.startswith(f"error: {url}: ")]
+                assert len(line) == 1, output[-2000:]
+                assert "refused the credentials" in line[0] and answer in line[0]
+                assert "check AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY" in line[0]
+
+
 def test_two_dask_workers_fill_one_s3_store(s3, world, reference, tmp_path):
     """Each worker process writes its own whole shards into the bucket; the result is the in-process one."""
     from stages.extract.run import run_extract
@@ -225,15 +251,11 @@ def test_two_dask_workers_fill_one_s3_store(s3, world, reference, tmp_path):
 
 def test_convert_copies_an_s3_store_to_a_local_hdf5_file_exactly(s3_store, world, reference, tmp_path):
     from store.convert import convert_store
-    from store.errors import StoreError
-    from store.extras import list_extras
 
     url, _ = s3_store
     summary = convert_store(url, tmp_path / "features.h5")
     assert summary.backend == "hdf5" and summary.shards_written == SHARDS
     assert_same_contents(read_store(tmp_path / "features.h5", world.canonical), reference)
-    with pytest.raises(StoreError, match="extras .* live only beside local stores"):
-        list_extras(url)
 
 
 def test_deleting_an_s3_store_refuses_foreign_objects_then_removes_only_the_store(s3):

@@ -11,11 +11,12 @@ from test_report import report_inputs  # noqa: F401 - the report's inputs, a mod
 from pipeline.dvc_metrics import from_exp_row, write_by_measure
 from pipeline.errors import DsmdError
 from stages.evaluate.experiments import (
-    _without_unchanged_workspace,
+    _without_repeated_baselines,
     load_saved,
     metrics_of,
     report_section,
     save_for_report,
+    table_from_exp_rows,
 )
 from stages.evaluate.report import write_report
 
@@ -33,10 +34,39 @@ ROWS = [_row("main", True, "dsmd", 236.4), _row("no-cd", False, "dsmd", 230.1), 
 
 def test_workspace_row_is_dropped_only_when_it_repeats_a_result():
     workspace = {**ROWS[0], "experiment": "workspace", "rev": "workspace"}
-    assert [r["experiment"] for r in _without_unchanged_workspace(VARYING, [workspace, *ROWS])] == [
-        "main", "no-cd", "mcad"]
+    baselines = [True, True, False, False]
+    kept = _without_repeated_baselines(VARYING, [workspace, *ROWS], baselines)
+    assert [r["experiment"] for r in kept] == ["main", "no-cd", "mcad"]
     changed = {**workspace, "student.rsum": 200.0}
-    assert _without_unchanged_workspace(VARYING, [changed, *ROWS])[0]["experiment"] == "workspace"
+    assert _without_repeated_baselines(VARYING, [changed, *ROWS], baselines)[0]["experiment"] == "workspace"
+
+
+def _exp_row(name, rev, rsum, state="Success", **params):
+    return {"Experiment": name, "rev": rev, "State": state, "Created": "2026-12-02T14:00:00",
+            "runs/evaluate/metrics/rsum.json:student": rsum, "runs/evaluate/metrics/rsum.json:teacher": 240.0,
+            **params}
+
+
+def test_runs_of_several_commits_make_one_table():
+    """dvc.api.exp_show(revs=[HEAD, older]) rows: the older commit lacks a later setting (its default counts),
+    repeats HEAD's own run (dropped), and has runs of its own (kept); unfinished runs are not results."""
+    raw = [
+        _exp_row(None, "main", 152.9, state=None, **{"distill.seed": 0.0, "extract.views": 0.0}),
+        _exp_row("views8-seed-0", "a9845b7", 195.9, **{"distill.seed": 0.0, "extract.views": 8.0}),
+        _exp_row("views8-seed-1", "b464ece", 152.9, state="Running", **{"distill.seed": 1.0, "extract.views": 8.0}),
+        _exp_row("views8-seed-2", "caf8333", 152.9, state="Queued", **{"distill.seed": 2.0, "extract.views": 8.0}),
+        _exp_row(None, "1aeee7e", 152.9, state=None, **{"distill.seed": 0.0}),
+        _exp_row("dsmd-seed-1", "d235562", 153.8, **{"distill.seed": 1.0}),
+    ]
+    varying, rows = table_from_exp_rows(raw, "runs/evaluate/metrics")
+    assert varying == ["distill.seed", "extract.views"]
+    assert [(r["experiment"], r["distill.seed"], r["extract.views"], r["student.rsum"]) for r in rows] == [
+        ("main", 0, 0, 152.9), ("views8-seed-0", 0, 8, 195.9), ("dsmd-seed-1", 1, 0, 153.8)]
+    assert all(isinstance(r["distill.seed"], int) for r in rows)  # DVC's 1.0 reads as the seed it is
+    # The older commit's own run differs from HEAD's: it stays.
+    raw[4]["runs/evaluate/metrics/rsum.json:student"] = 150.0
+    assert [r["experiment"] for r in table_from_exp_rows(raw, "runs/evaluate/metrics")[1]] == [
+        "main", "views8-seed-0", "1aeee7e", "dsmd-seed-1"]
 
 
 def test_saved_table_round_trips_and_renders_every_row(tmp_path):

@@ -25,6 +25,10 @@ def register(app: typer.Typer) -> None:
         for_report: bool = typer.Option(
             True, "--for-report/--no-report", help="Also save it at evaluate.ablations for the evaluation report."
         ),
+        rev: list[str] = typer.Option(
+            None, "--rev", help="Gather the experiments of this commit (repeatable; default HEAD's): runs queued on "
+            "an earlier commit stay in the table.",
+        ),
     ) -> None:
         """Gather the finished DVC experiments (e.g. the ablations) into one comparison table."""
         from rich.table import Table
@@ -32,7 +36,7 @@ def register(app: typer.Typer) -> None:
         from stages.evaluate.experiments import cell_text, collect, save_for_report, write_table
 
         cfg = get_config(ctx)
-        varying, rows = collect(".", f"{cfg.evaluate.out_dir}/metrics")
+        varying, rows = collect(".", f"{cfg.evaluate.out_dir}/metrics", revs=rev or None)
         paths = write_table(out, varying, rows)
         # The files hold every column; on the terminal, what each run changed against the first row (the
         # baseline) and its scores fit any width.

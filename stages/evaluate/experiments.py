@@ -21,22 +21,36 @@ from pathlib import Path
 from pipeline.dvc_metrics import from_exp_row
 from pipeline.errors import DsmdError
 from stages.evaluate.gain import GAIN_METRICS, gain_section
+from stages.evaluate.groups import groups_section
 
 METRICS = ["student.i2t_r1", "student.t2i_r1", "student.rsum", "teacher.rsum", "run.rsum_ratio"]
 ALWAYS = ("distill.method", "distill.seed")
-PARAM_PREFIXES = ("distill.", "student.", "teacher.", "demo.")
+PARAM_PREFIXES = ("distill.", "student.", "teacher.", "demo.", "extract.")
 
 
-def collect(repo: str = ".", metrics_dir: str = "runs/evaluate/metrics") -> tuple[list[str], list[dict]]:
-    """(varying parameter names, rows) for every DVC experiment of the repository that has metrics.
+def collect(
+    repo: str = ".", metrics_dir: str = "runs/evaluate/metrics", revs: list[str] | None = None
+) -> tuple[list[str], list[dict]]:
+    """(varying parameter names, rows) for every finished DVC experiment of the repository that has metrics.
 
-    ``metrics_dir``: the evaluate stage's metrics/ directory, relative to the repository (evaluate.out_dir)."""
+    ``metrics_dir``: the evaluate stage's metrics/ directory, relative to the repository (evaluate.out_dir).
+    ``revs``: the commits whose experiments to gather (DVC lists those of HEAD only by default), so runs queued
+    on an earlier commit stay in the table after later commits. A parameter a commit did not have yet counts as
+    its default (a setting is added with the value that behaves as before it existed), and a commit's own row
+    that repeats a newer commit's settings and results is left out."""
     import dvc.api
 
     try:
-        raw = dvc.api.exp_show(repo=repo)
+        raw = dvc.api.exp_show(repo=repo, revs=revs or None)
     except Exception as exc:  # dvc raises many kinds; all mean "not a usable DVC repository here"
         raise DsmdError(f"cannot list DVC experiments in {repo}: {exc}") from None
+    return table_from_exp_rows(raw, metrics_dir)
+
+
+def table_from_exp_rows(raw: list[dict], metrics_dir: str) -> tuple[list[str], list[dict]]:
+    """collect's table from dvc.api.exp_show's rows."""
+    # Queued and running experiments show their baseline's metrics: not results yet.
+    raw = [row for row in raw if row.get("State") in (None, "Success")]
     rows = [(row, metrics_of(row, metrics_dir)) for row in raw]
     rows = [(row, metrics) for row, metrics in rows if isinstance(metrics.get("student.rsum"), (int, float))]
     if not rows:
@@ -44,16 +58,45 @@ def collect(repo: str = ".", metrics_dir: str = "runs/evaluate/metrics") -> tupl
             f"no experiment with evaluation metrics in {metrics_dir} yet: run `dvc repro` or `dvc exp run` first"
         )
     params = sorted({k for row, _ in rows for k in row if k.startswith(PARAM_PREFIXES)})
-    varying = [k for k in params if len({str(row.get(k)) for row, _ in rows}) > 1]
+    settings = [{k: plain_value(row.get(k, MISSING), k) for k in params} for row, _ in rows]
+    varying = [k for k in params if len({str(s[k]) for s in settings}) > 1]
     table = []
-    for row, metrics in rows:
+    for (row, metrics), values in zip(rows, settings, strict=True):
         name = row.get("Experiment") or row.get("rev") or "?"
         # Method and seed always, so the distillation gain can group the runs even where all share one value.
         table.append({"experiment": name, "rev": row.get("rev"), "created": row.get("Created"),
-                      **{k: row.get(k) for k in ALWAYS}, **{k: row.get(k) for k in varying},
+                      **{k: values.get(k) for k in ALWAYS}, **{k: values[k] for k in varying},
                       **{m: metrics.get(m) for m in METRICS},
                       **{m: metrics.get(m) for m in GAIN_METRICS if m not in METRICS}})
-    return varying, _without_unchanged_workspace(varying, table)
+    baselines = [not row.get("Experiment") for row, _ in rows]
+    return varying, _without_repeated_baselines(varying, table, baselines)
+
+
+MISSING = object()
+
+
+def plain_value(value, key: str):
+    """A parameter as the table keeps it: DVC's integral floats (seeds, K) as ints, and a parameter the commit
+    did not have as the schema's default."""
+    if value is MISSING or value is None:
+        value = schema_default(key)
+    if isinstance(value, float) and value.is_integer():
+        return int(value)
+    return value
+
+
+def schema_default(key: str):
+    """The default of a dotted setting (``extract.views``), or None where the schema has no such setting."""
+    import dataclasses
+
+    from pipeline.config.schema import Config
+
+    node = Config()
+    for part in key.split("."):
+        if not dataclasses.is_dataclass(node) or not hasattr(node, part):
+            return None
+        node = getattr(node, part)
+    return dataclasses.asdict(node) if dataclasses.is_dataclass(node) else node
 
 
 def metrics_of(row: dict, metrics_dir: str) -> dict:
@@ -66,13 +109,23 @@ def metrics_of(row: dict, metrics_dir: str) -> dict:
     return metrics
 
 
-def _without_unchanged_workspace(varying: list[str], table: list[dict]) -> list[dict]:
-    """The workspace row repeats the baseline's when nothing was changed since: keep it only when it differs."""
-    if len(table) < 2 or table[0]["experiment"] != "workspace":
-        return table
+def _without_repeated_baselines(varying: list[str], table: list[dict], baselines: list[bool]) -> list[dict]:
+    """The workspace row when it repeats any other row, and a commit's row when it repeats a newer commit's row
+    (DVC lists the newest first): the same run listed again adds nothing."""
     keys = [*varying, *METRICS]
-    same = any(all(row.get(k) == table[0].get(k) for k in keys) for row in table[1:])
-    return table[1:] if same else table
+
+    def same(a: dict, b: dict) -> bool:
+        return all(a.get(k) == b.get(k) for k in keys)
+
+    kept = []
+    for index, (row, baseline) in enumerate(zip(table, baselines, strict=True)):
+        if row["experiment"] == "workspace" and any(same(row, other) for other in table[index + 1 :]):
+            continue
+        if baseline and any(same(row, other) for other, b in zip(table[:index], baselines, strict=False)
+                            if b and other["experiment"] != "workspace"):
+            continue
+        kept.append(row)
+    return kept
 
 
 def save_for_report(path: Path, varying: list[str], rows: list[dict]) -> Path:
@@ -117,13 +170,15 @@ def report_section(document: dict | None, source: str) -> tuple[list[str], list[
         return [f"## {title}", "", text, ""], [f"<h2>{html.escape(title)}</h2>", f"<p>{html.escape(text)}</p>"]
     varying, metrics = document.get("varying", []), document.get("metrics", METRICS)
     gain_md, gain_html = gain_section(document)
+    groups_md, groups_html = groups_section(document)
     header, cells = _cells(document["rows"], varying, metrics)
     text = (f"{len(cells)} runs, each a real `dvc exp run` of this pipeline, gathered by `dsmd experiments` on "
             f"{document.get('gathered', '?')} into {source}. Columns: the parameters that differ between the runs, "
             "then test-split metrics (RSUM and recall in percent; ratio = student RSUM / teacher RSUM).")
     return (
-        [*gain_md, f"## {title}", "", text, "", *_markdown(header, cells), ""],
-        [*gain_html, f"<h2>{html.escape(title)}</h2>", f"<p>{html.escape(text)}</p>", _html(header, cells)],
+        [*gain_md, *groups_md, f"## {title}", "", text, "", *_markdown(header, cells), ""],
+        [*gain_html, *groups_html, f"<h2>{html.escape(title)}</h2>", f"<p>{html.escape(text)}</p>",
+         _html(header, cells)],
     )
 
 

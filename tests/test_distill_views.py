@@ -189,3 +189,24 @@ def test_mcad_batches_take_every_dual_teachers_view_rows(tmp_path):
     np.testing.assert_array_equal(replay.fused.numpy(), reader.get("a", "pair", [3, 0]))
     assert replay.views.tolist() == [1, 0] and replay.bad_rows == ()
     reader.close()
+
+
+def test_store_in_ram_holds_the_replayed_view_rows_too(world, tmp_path):
+    """distill.load_store_in_ram with replay: the view rows read from RAM in the trainer and in loader workers,
+    shown by reading them after the store's files are gone."""
+    import shutil
+
+    from pipeline.data.canonical import CanonicalDataset
+    from stages.distill.methods import method_for
+
+    store = tmp_path / "copy.zarr"
+    shutil.copytree(world.store, store)
+    cfg = load(write_params(world, tmp_path, {"extract": {"store": str(store)},
+                                              "distill": {"views": "replay", "load_store_in_ram": True}}))
+    ds = CanonicalDataset.load(cfg.data.canonical_dir)
+    method = method_for(cfg, ds, in_memory=True)
+    worker_reader = method._worker_reader()()
+    expected = method.reader.get("beit3", "image_view", [0, 5])
+    shutil.rmtree(store)
+    np.testing.assert_array_equal(method.reader.get("beit3", "image_view", [0, 5]), expected)
+    np.testing.assert_array_equal(worker_reader.get("beit3", "image_view", [0, 5]), expected)

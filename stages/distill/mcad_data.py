@@ -82,11 +82,15 @@ def open_mcad_reader(path: str | Path, dataset_fingerprint: str, cfg: McadConfig
 class McadReaderOpener:
     """Picklable: each loader worker opens its own reader."""
 
-    def __init__(self, path: str, dataset_fingerprint: str, cfg: McadConfig, in_memory: bool = False):
+    def __init__(self, path: str, dataset_fingerprint: str, cfg: McadConfig, in_memory: bool = False,
+                 views: bool = False):
         self.args = (str(path), dataset_fingerprint, cfg, in_memory)
+        self.views = views  # replayed views: their rows go to RAM too
 
     def __call__(self):
-        return open_mcad_reader(*self.args)
+        reader = open_mcad_reader(*self.args)
+        in_memory, teachers = self.args[3], list(self.args[2].teachers)
+        return reader.load_all(teachers, ["image_view"]) if in_memory and self.views else reader
 
 
 def mcad_usable_pairs(ds, split: str, reader, teachers: Sequence[str], fused_teacher: str) -> np.ndarray:

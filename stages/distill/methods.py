@@ -40,13 +40,16 @@ Gather = Callable[[torch.Tensor], torch.Tensor]
 class _OpenReader:
     """Opens the store inside a loader worker (a reader is opened per process, never shared)."""
 
-    def __init__(self, path: str, fingerprint: str, teacher: str, in_memory: bool, cache: dict | None = None):
+    def __init__(self, path: str, fingerprint: str, teacher: str, in_memory: bool, cache: dict | None = None,
+                 views: bool = False):
         self.args = (path, fingerprint, teacher, in_memory)
         self.cache = cache or {}
+        self.views = views  # replayed views: their rows go to RAM too
 
     def __call__(self):
         path, fingerprint, teacher, in_memory = self.args
-        return open_store(path, dataset_fingerprint=fingerprint, teacher=teacher, in_memory=in_memory, **self.cache)
+        reader = open_store(path, dataset_fingerprint=fingerprint, teacher=teacher, in_memory=in_memory, **self.cache)
+        return reader.load_all([teacher], ["image_view"]) if in_memory and self.views else reader
 
 
 def reader_cache(cfg: Config) -> dict:
@@ -75,6 +78,8 @@ class DsmdMethod:
         self._boxes = None
         if self.views != "plain":
             check_views(self.reader, str(cfg.extract.store), self._view_teachers(), self.views)
+        if in_memory and self.views == "replay":  # distill.load_store_in_ram: the rows replay reads, too
+            self.reader.load_all(self._view_teachers(), ["image_view"])
 
     def _view_teachers(self) -> list[str]:
         return [self.teacher]
@@ -129,7 +134,7 @@ class DsmdMethod:
     def _worker_reader(self):
         dc = self.cfg.distill
         return _OpenReader(self.cfg.extract.store, self.ds.fingerprint, self.teacher, dc.load_store_in_ram,
-                           reader_cache(self.cfg))
+                           reader_cache(self.cfg), views=self.views == "replay")
 
     def collate(self, tokenize: Callable, workers: int):
         open_reader = self._worker_reader() if workers > 0 else _SameReader(self.reader)
@@ -186,7 +191,8 @@ class McadMethod(DsmdMethod):
 
     def _worker_reader(self):
         store, fingerprint = self.cfg.extract.store, self.ds.fingerprint
-        return McadReaderOpener(store, fingerprint, self.mcad, self.cfg.distill.load_store_in_ram)
+        return McadReaderOpener(store, fingerprint, self.mcad, self.cfg.distill.load_store_in_ram,
+                                views=self.views == "replay")
 
     def collate(self, tokenize: Callable, workers: int):
         open_reader = self._worker_reader() if workers > 0 else _SameReader(self.reader)

@@ -14,6 +14,7 @@ process: the work is dominated by reading and decoding, which is what this bench
 
     nice -n 19 python benchmarks/webdataset_scale.py                          # 10k, 30k, 100k; 1 and 2 workers
     nice -n 19 python benchmarks/webdataset_scale.py --sizes 2000,6000 --out results.json
+    nice -n 19 python benchmarks/webdataset_scale.py --workers 0                   # prepare and check only
 """
 
 from __future__ import annotations
@@ -151,7 +152,8 @@ def measured(phase: str, root: Path, workers: int, loader_workers: int, rows_per
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sizes", default="10000,30000,100000", help="comma-separated numbers of images")
-    parser.add_argument("--workers", default="1,2", help="comma-separated Dask worker counts for extract")
+    parser.add_argument("--workers", default="1,2", help="comma-separated Dask worker counts for extract; "
+                        "0 = no extract (prepare and check only)")
     parser.add_argument("--loader-workers", type=int, default=0, help="decoding processes per extract worker")
     parser.add_argument("--per-shard", type=int, default=10000, help="samples per tar shard (img2dataset: 10k)")
     parser.add_argument("--image-size", type=int, default=48)
@@ -178,7 +180,7 @@ def main() -> None:
             write_webdataset(root / "wds", n, args.per_shard, args.image_size)
             print(f"N={n:,}: wrote {-(-n // args.per_shard)} shard(s) in {time.perf_counter() - started:.1f}s",
                   flush=True)
-            phases = [("prepare", 0), ("check", 0), *[("extract", w) for w in workers]]
+            phases = [("prepare", 0), ("check", 0), *[("extract", w) for w in workers if w > 0]]
             for phase, w in phases:
                 result = {"n": n, "phase": phase, "workers": w,
                           **measured(phase, root, w, args.loader_workers, args.rows_per_shard)}

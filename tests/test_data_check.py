@@ -117,3 +117,26 @@ def test_image_too_large_to_decode_is_recorded_as_bad_without_decoding(tmp_path)
     reason = "too large to decode: 9400 x 9400 pixels of mode I;16 need about 506 MiB (limit 384 MiB)"
     assert [(b.image_id, b.reason) for b in report.bad_images] == [(1, reason)]
     assert load_bad_images(tmp_path / "canonical") == {1: reason}
+
+
+def test_the_image_scan_reads_ahead_a_bounded_number_of_images_in_order():
+    """Executor.map would submit every image at once (a future held per image); the scan keeps at most
+    ``ahead`` submitted and unread, and yields in order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from pipeline.data.check import _bounded_map
+
+    pulled = 0
+
+    def ids():
+        nonlocal pulled
+        for i in range(200):
+            pulled += 1
+            yield i
+
+    out = []
+    with ThreadPoolExecutor(max_workers=3) as pool:
+        for value in _bounded_map(pool, lambda i: i * i, ids(), ahead=6):
+            assert pulled - len(out) <= 6
+            out.append(value)
+    assert out == [i * i for i in range(200)]

@@ -48,14 +48,15 @@ def _exp_row(name, rev, rsum, state="Success", **params):
 
 
 def test_runs_of_several_commits_make_one_table():
-    """dvc.api.exp_show(revs=[HEAD, older]) rows: the older commit lacks a later setting (its default counts),
+    """dvc.api.exp_show(revs=[HEAD, older]) rows: the older commit lacks a later setting (DVC says "None" or
+    leaves the column out; its default counts),
     repeats HEAD's own run (dropped), and has runs of its own (kept); unfinished runs are not results."""
     raw = [
         _exp_row(None, "main", 152.9, state=None, **{"distill.seed": 0.0, "extract.views": 0.0}),
         _exp_row("views8-seed-0", "a9845b7", 195.9, **{"distill.seed": 0.0, "extract.views": 8.0}),
         _exp_row("views8-seed-1", "b464ece", 152.9, state="Running", **{"distill.seed": 1.0, "extract.views": 8.0}),
         _exp_row("views8-seed-2", "caf8333", 152.9, state="Queued", **{"distill.seed": 2.0, "extract.views": 8.0}),
-        _exp_row(None, "1aeee7e", 152.9, state=None, **{"distill.seed": 0.0}),
+        _exp_row(None, "1aeee7e", 152.9, state=None, **{"distill.seed": 0.0, "extract.views": "None"}),
         _exp_row("dsmd-seed-1", "d235562", 153.8, **{"distill.seed": 1.0}),
     ]
     varying, rows = table_from_exp_rows(raw, "runs/evaluate/metrics")
@@ -108,12 +109,14 @@ def test_shipped_table_renders_every_run():
     document = load_saved(REPO / "results" / "ablations.json")
     md, _ = report_section(document, "results/ablations.json")
     text = "\n".join(md)
-    # The baseline commit and the nine headline seeds (dsmd, mcad, supervised x 3), as the README reports them.
-    assert "10 runs" in text
-    assert "| main | dsmd | 0 | 7.200 | 8.340 | 152.9 | 240.8 | 0.635 |" in text
-    assert "| mcad-seed-0 | mcad | 0 | 8.700 | 9.820 | 167.0 | 240.8 | 0.694 |" in text
-    assert "| supervised-seed-0 | supervised | 0 | 4.400 | 4.820 | 85.9 | 240.8 | 0.357 |" in text
-    assert text.index("## Distillation gain") < text.index("## Ablations and other experiments")
+    # The baseline commit, the nine headline seeds (dsmd, mcad, supervised x 3) and the three-seed groups of
+    # stored views (K = 4, 8, mismatch) and the block order, gathered from four commits, as the README reports them.
+    assert "22 runs" in text
+    assert "| main | dsmd | shuffle | 0 | 8 | 0 | plain | 0 | 7.200 | 8.340 | 152.9 | 240.8 | 0.635 |" in text
+    assert "| mcad-seed-0 | mcad | shuffle | 0 | 8 | 0 | plain | 0 | 8.700 | 9.820 | 167.0 | 240.8 | 0.694 |" in text
+    assert "| views8-seed-1 | dsmd | shuffle | 0 | 8 | 1 | replay | 8 | 11.9 | 10.9 | 213.1 | 240.8 | 0.885 |" in text
+    assert "| blocks-seed-0 | dsmd | blocks | 50 | 2 | 0 | plain | 0 | 9.300 | 9.920 | 173.1 | 240.8 | 0.719 |" in text
+    assert text.index("## Distillation gain") < text.index("## Seed groups") < text.index("## Ablations and other")
 
 
 def test_exp_show_columns_map_back_to_metrics_json_names(tmp_path):

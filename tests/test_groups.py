@@ -50,3 +50,18 @@ def test_no_section_without_a_group_of_several_seeds():
     single = [row("main", 0, 150.0), row("v8", 0, 190.0, 8, "replay")]
     assert groups_section({"varying": VARYING, "rows": single}) == ([], [])
     assert groups_section(None) == ([], [])
+
+
+def test_readme_groups_table_is_the_shipped_experiments():
+    """The README's seed-groups table (stored views, block order) is the report's section of
+    results/ablations.json, line for line."""
+    from paths import REPO
+
+    from stages.evaluate.experiments import load_saved
+
+    md, _ = groups_section(load_saved(REPO / "results" / "ablations.json"))
+    table = [line for line in md if line.startswith("|")]
+    assert len(table) >= 6, "results/ablations.json holds no seed groups"
+    readme = (REPO / "README.md").read_text().splitlines()
+    start = readme.index(table[0])
+    assert readme[start : start + len(table)] == table

@@ -78,7 +78,8 @@ MISSING = object()
 def plain_value(value, key: str):
     """A parameter as the table keeps it: DVC's integral floats (seeds, K) as ints, and a parameter the commit
     did not have as the schema's default."""
-    if value is MISSING or value is None:
+    # dvc.api.exp_show writes the string "None" for a parameter a commit's params.yaml lacks.
+    if value is MISSING or value is None or value == "None":
         value = schema_default(key)
     if isinstance(value, float) and value.is_integer():
         return int(value)

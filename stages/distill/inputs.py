@@ -74,10 +74,8 @@ def pair_blocks(ctx: RunContext, ds: CanonicalDataset, method: Method, train_pai
     blocks = image_blocks(ds.caption_image_ids()[train_pairs], block_rows)
     if ctx.ranks.is_main:
         n_blocks = len(np.unique(blocks))
-        console.print(
-            f"order: blocks of {block_rows} image ids, {min(dc.order_window, n_blocks)} of {n_blocks} at a time "
-            f"(a batch mixes at most {min(2 * dc.order_window, n_blocks)} blocks)"
-        )
+        console.print(f"order: blocks of {block_rows} image ids, {min(dc.order_window, n_blocks)} of {n_blocks} "
+                      "at a time")
     return blocks
 
 

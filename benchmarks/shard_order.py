@@ -20,8 +20,6 @@ what scales to a real network.
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import sys
 import tempfile
 import time
@@ -33,7 +31,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from store_s3 import start_server, summary, write  # noqa: E402
+from store_s3 import bench_bucket, report, summary, write  # noqa: E402
 
 from stages.distill.data import EpochBatches  # noqa: E402
 from stages.distill.order import image_blocks  # noqa: E402
@@ -93,13 +91,7 @@ def main() -> None:
     args = parser.parse_args()
 
     shard_bytes = args.rows_per_shard * args.dim * 2  # float16 rows
-    server, endpoint = start_server()
-    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_DEFAULT_REGION": "us-east-1"})
-    try:
-        import s3fs
-
-        s3fs.S3FileSystem(skip_instance_cache=True).mkdir("bench")
+    with bench_bucket():
         images = unit_rows(args.rows, args.dim, seed=0)
         texts = unit_rows(args.rows * CAPTIONS_PER_IMAGE, args.dim, seed=1)
         url = "s3://bench/features.zarr"
@@ -123,13 +115,7 @@ def main() -> None:
         result["shuffle_over_blocks_wait"] = round(result["shuffle"]["mean_ms"] / result["blocks"]["mean_ms"], 1)
         result["shuffle_over_blocks_downloads"] = round(
             result["shuffle"]["downloads_per_epoch"] / result["blocks"]["downloads_per_epoch"], 1)
-    finally:
-        server.terminate()
-        server.wait()
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    report(result, args.out)
 
 
 if __name__ == "__main__":

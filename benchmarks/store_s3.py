@@ -22,6 +22,7 @@ overhead (HTTP, s3fs, the cache) rather than a network; a remote bucket adds its
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -29,6 +30,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,29 @@ def start_server() -> tuple[subprocess.Popen, str]:
             time.sleep(0.2)
     server.kill()
     raise SystemExit("the moto server did not start within 60 s")
+
+
+@contextlib.contextmanager
+def bench_bucket() -> Iterator[None]:
+    """A moto server in its own process with the bucket "bench", the AWS_* variables pointing at it."""
+    server, endpoint = start_server()
+    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+                       "AWS_DEFAULT_REGION": "us-east-1"})
+    try:
+        import s3fs
+
+        s3fs.S3FileSystem(skip_instance_cache=True).mkdir("bench")
+        yield
+    finally:
+        server.terminate()
+        server.wait()
+
+
+def report(result: dict, out: Path | None) -> None:
+    text = json.dumps(result, indent=1)
+    print(text)
+    if out:
+        out.write_text(text + "\n")
 
 
 def write(path: str, values: np.ndarray, texts: np.ndarray, rows_per_shard: int) -> float:
@@ -107,13 +132,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=None, help="also write the figures as JSON here")
     args = parser.parse_args()
 
-    server, endpoint = start_server()
-    os.environ.update({"AWS_ENDPOINT_URL": endpoint, "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-                       "AWS_DEFAULT_REGION": "us-east-1"})
-    try:
-        import s3fs
-
-        s3fs.S3FileSystem(skip_instance_cache=True).mkdir("bench")
+    with bench_bucket():
         images = unit_rows(args.rows, args.dim, seed=0)
         texts = unit_rows(args.rows * 5, args.dim, seed=1)
         url = "s3://bench/features.zarr"
@@ -159,13 +178,7 @@ def main() -> None:
                 "s3_later_over_local": round(float(np.mean(warm_wait) / np.mean(local_wait)), 2),
                 "s3_first_over_local": round(float(np.mean(cold_wait) / np.mean(local_wait)), 2),
             }
-    finally:
-        server.terminate()
-        server.wait()
-    text = json.dumps(result, indent=1)
-    print(text)
-    if args.out:
-        args.out.write_text(text + "\n")
+    report(result, args.out)
 
 
 if __name__ == "__main__":

@@ -73,12 +73,9 @@ def test_no_section_without_a_baseline_or_without_a_distilled_student():
 def test_readme_demo_table_is_the_shipped_experiments():
     """The README's demo table is the gain section of results/ablations.json, line for line."""
     from paths import REPO
+    from readme_tables import assert_readme_quotes
 
     from stages.evaluate.experiments import load_saved
 
     md, _ = gain_section(load_saved(REPO / "results" / "ablations.json"))
-    table = [line for line in md if line.startswith("|")]
-    assert len(table) >= 6, "results/ablations.json holds no teacher / DSMD / baseline runs"
-    readme = (REPO / "README.md").read_text().splitlines()
-    start = readme.index(table[0])
-    assert readme[start : start + len(table)] == table
+    assert_readme_quotes(md, "teacher / DSMD / baseline runs")

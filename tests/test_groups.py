@@ -56,12 +56,9 @@ def test_readme_groups_table_is_the_shipped_experiments():
     """The README's seed-groups table (stored views, block order) is the report's section of
     results/ablations.json, line for line."""
     from paths import REPO
+    from readme_tables import assert_readme_quotes
 
     from stages.evaluate.experiments import load_saved
 
     md, _ = groups_section(load_saved(REPO / "results" / "ablations.json"))
-    table = [line for line in md if line.startswith("|")]
-    assert len(table) >= 6, "results/ablations.json holds no seed groups"
-    readme = (REPO / "README.md").read_text().splitlines()
-    start = readme.index(table[0])
-    assert readme[start : start + len(table)] == table
+    assert_readme_quotes(md, "seed groups")

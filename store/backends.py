@@ -83,10 +83,16 @@ def open_backend(path: Path | StoreUrl, backend: str, *, writable: bool, cache: 
 def writer_lease(path: Path, command: str) -> Iterator[None]:
     """Hold the store at `path` (existing or about to be made) for one writing `command`, e.g. "dsmd extract":
     a second command gets StoreBusyError naming the first. Processes the holder starts (Dask workers) write
-    without it. HDF5 needs no lease: its one writer locks the file. An S3 store has none either (object stores
-    have no locks): keep to one writing command per store there."""
+    without it. HDF5 needs no lease: its one writer locks the file. An S3 store's lease is an object created
+    only if absent and renewed by its holder (store/s3_lease.py)."""
     path = store_location(path)
-    if isinstance(path, StoreUrl) or detect_backend(path) == "hdf5":
+    if isinstance(path, StoreUrl):
+        from store.s3_lease import s3_writer_lease
+
+        with s3_writer_lease(path, command):
+            yield
+        return
+    if detect_backend(path) == "hdf5":
         yield
         return
     from store.zarr_backend import LEASE_FILE, LOCK_FILES, refuse_foreign_folder

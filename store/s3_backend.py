@@ -6,8 +6,8 @@ store/s3_extras.py's.
 Crash safety rests on S3 making an object visible whole or not at all: a shard is one PUT, read back and
 hashed, and only then its mark is PUT. A writer killed mid-shard leaves no object or an unmarked one, which the
 next run writes again. Object stores have no locks: the extract stage hands each writer its own shards and
-creates the store before starting them, and one writing command per store at a time is the user's to keep
-(there is no writer lease file on S3).
+creates the store before starting them, and one writing command per store at a time is kept by a writer lease
+made of a conditional write (store/s3_lease.py).
 
 Readers download each shard they touch, whole, into a size-limited local ShardCache (store/remote.py) and map
 it from there, checked against its mark's sha256 first. A reader keeps its most recent maps open, at most the
@@ -31,6 +31,7 @@ from store.errors import StoreError, corrupt_shard
 from store.layout import KINDS, Layout
 from store.marks import ShardMark, collect_marks
 from store.remote import ShardCache, StoreUrl, checked_filesystem, remote_errors
+from store.s3_lease import LEASE_KEY
 from store.zarr_backend import _WRITE_CONFIG, ARRAY_KEY, EXTRAS_DIR, ROOT_KEY, _contiguous_offset
 
 
@@ -81,6 +82,7 @@ class S3ZarrBackend:
     def create_root(self, attrs: dict) -> None:
         with remote_errors(self.path):
             others = self.fs.ls(self.path.key, detail=False) if self.fs.exists(self.path.key) else []
+        others = [o for o in others if o.rsplit("/", 1)[-1] != LEASE_KEY]  # the lease of the command making it
         if others:
             shown = ", ".join(sorted(o.rsplit("/", 1)[-1] for o in others)[:5])
             raise StoreError(f"{self.path} exists and holds {shown} but no feature store: choose an empty or new "
@@ -231,11 +233,11 @@ class S3ZarrBackend:
     def delete(self) -> None:
         """Delete the store's objects, refusing (by name) a prefix that also holds objects no store holds."""
         with remote_errors(self.path):
-            foreign = []
-            for entry in self.fs.ls(self.path.key, detail=True):
+            foreign, entries = [], self.fs.ls(self.path.key, detail=True)
+            for entry in entries:
                 name = entry["name"].rsplit("/", 1)[-1]
                 if entry["type"] != "directory":
-                    if name != "zarr.json":
+                    if name not in ("zarr.json", LEASE_KEY):
                         foreign.append(name)
                 elif name != EXTRAS_DIR and not all(sub.rsplit("/", 1)[-1] in (*KINDS, "zarr.json")
                              for sub in self.fs.ls(entry["name"], detail=False)):
@@ -244,7 +246,10 @@ class S3ZarrBackend:
                 shown = ", ".join(sorted(foreign)[:5])
                 raise StoreError(f"{self.path} is a dsmd feature store but also holds {shown}, which no store holds: "
                                  "not deleting it; move those objects away or point the store elsewhere")
-            self.fs.rm(self.path.key, recursive=True)
+            # The writer lease stays: the command holding it keeps the store while it rebuilds it.
+            for entry in entries:
+                if entry["name"].rsplit("/", 1)[-1] != LEASE_KEY:
+                    self.fs.rm(entry["name"], recursive=entry["type"] == "directory")
 
     def close(self) -> None:
         self._arrays.clear()

@@ -7,7 +7,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -281,3 +283,44 @@ def test_deleting_an_s3_store_refuses_foreign_objects_then_removes_only_the_stor
     delete_store(url)
     assert not store_exists(url)
     assert fs.cat_file("dsmd/deleted/neighbour.txt") == b"not the store's"
+
+
+def test_the_s3_writer_lease_admits_one_writer_and_outlives_no_dead_one(s3):
+    """The lease object: a second writer is refused by name while the first holds it; it goes when the holder
+    ends; a lease not renewed in time, or held by a pid gone from this host, is taken over; the holder renews."""
+    import time
+
+    import s3fs
+
+    from store.errors import StoreBusyError
+    from store.remote import StoreUrl
+    from store.s3_lease import LEASE_KEY, s3_writer_lease
+
+    url = StoreUrl("s3://dsmd/leased/features.zarr")
+    key = f"dsmd/leased/features.zarr/{LEASE_KEY}"
+    fs = s3fs.S3FileSystem(skip_instance_cache=True, use_listings_cache=False)
+    with s3_writer_lease(url, "dsmd extract", renew=0.2):
+        held = json.loads(fs.cat_file(key))
+        with pytest.raises(StoreBusyError, match=r"another `dsmd extract` is writing s3://dsmd/leased/features.zarr "
+                                                 rf"\(pid {os.getpid()} on host "):
+            with s3_writer_lease(url, "dsmd store convert"):
+                pass
+        time.sleep(0.7)
+        assert json.loads(fs.cat_file(key))["renewed"] > held["renewed"]  # the holder keeps it fresh
+    assert not fs.exists(key)
+
+    def planted(**holder):
+        fs.pipe_file(key, json.dumps({"command": "dsmd extract", "since": "then", **holder}).encode())
+
+    planted(host="elsewhere", pid=1, renewed=time.time())  # a live writer on another machine
+    with pytest.raises(StoreBusyError, match="pid 1 on host elsewhere"):
+        with s3_writer_lease(url, "dsmd extract"):
+            pass
+    planted(host="elsewhere", pid=1, renewed=time.time() - 600)  # killed there ten minutes ago
+    with s3_writer_lease(url, "dsmd extract"):
+        assert json.loads(fs.cat_file(key))["pid"] == os.getpid()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    planted(host=socket.gethostname(), pid=dead.pid, renewed=time.time())  # killed here a moment ago
+    with s3_writer_lease(url, "dsmd extract"):
+        assert json.loads(fs.cat_file(key))["pid"] == os.getpid()

@@ -256,3 +256,23 @@ def test_dsmd_data_check_on_a_shard_directory(tmp_path, img2dataset):
     assert "caption is missing" in result.output and "1 bad images" in result.output
     result = CliRunner().invoke(app, [*settings, "data", "info"])
     assert "WebDataset: 2 shards" in result.output and "1 samples never downloaded" in result.output
+
+
+def test_a_json_list_of_captions_gives_each_its_own_caption_row(tmp_path):
+    """COCO-style samples: the json's caption field holds several captions; each is a pair with the image; a
+    blank one among them is recorded by its position, an empty list as a missing caption."""
+    root = tmp_path / "wds"
+    write_shard(root / "00000.tar", [
+        {"__key__": "000000000", "jpg": jpeg_bytes(seed=0),
+         "json": {"caption": ["a red square", "  a square, red ", ""], "split": "train"}},
+        {"__key__": "000000001", "jpg": jpeg_bytes(seed=1), "json": {"caption": [], "split": "train"}},
+        {"__key__": "000000002", "jpg": jpeg_bytes(seed=2), "txt": "the .txt wins",
+         "json": {"caption": ["not this"], "split": "val"}},
+    ])
+    ds = prepare_dataset(data_config(tmp_path, root, root))
+    assert ds.texts(ds.caption_ids()) == ["a red square", "a square, red", "the .txt wins"]
+    assert ds.caption_image_ids().tolist() == [0, 0, 2]
+    assert [(d["where"], d["reason"]) for d in ds.dropped] == [
+        ("shard 00000.tar, sample '000000000', caption 2", "empty caption"),
+        ("shard 00000.tar, sample '000000001'", "caption is missing (null)"),
+    ]

@@ -30,7 +30,8 @@ def write_shard(path: Path, samples: list[dict], listed: list[dict] | None = Non
     rows = [
         {
             "key": s["__key__"],
-            "caption": s.get("txt", s.get("json", {}).get("caption")),
+            # img2dataset's table holds one caption string: a sample with a list of them leaves it empty.
+            "caption": _one_caption(s.get("txt", s.get("json", {}).get("caption"))),
             "status": "success",
             "error_message": None,
         }
@@ -65,3 +66,7 @@ def shards_from_canonical(ds, out: Path, per_shard: int) -> Path:
             )
         write_shard(out / f"{shard:05d}.tar", samples)
     return out
+
+
+def _one_caption(caption):
+    return caption if caption is None or isinstance(caption, str) else None

@@ -10,9 +10,10 @@ Rules:
 - A sample is the members sharing a key: the member name up to the first dot of its base name, as the
   WebDataset convention has it (``a/b.c.jpg`` -> key ``a/b``, extension ``c.jpg``). The key is the image id;
   img2dataset makes it unique across shards (shard number + row), and a key seen twice is refused.
-- Caption: the ``.txt`` member, else the json's ``data.caption_column`` field. A sample with neither, or a blank
-  one (img2dataset writes an empty .txt for a missing caption), keeps its image and has its caption recorded as
-  dropped, as the table readers do.
+- Caption: the ``.txt`` member, else the json's ``data.caption_column`` field, which may also be a list of
+  captions (several per image, as COCO or Flickr30k converted to WebDataset carry them): each becomes a caption
+  row. A sample with neither, or a blank one (img2dataset writes an empty .txt for a missing caption), keeps its
+  image and has its caption recorded as dropped, as the table readers do.
 - Split, in this order: the json's ``data.split_column`` field; else, when ``data.hash_split_val`` or
   ``data.hash_split_test`` is set, a hash of the key (sha256 of the UTF-8 key, first 8 bytes as an integer over
   2**64: below test -> test, below test + val -> val, else train), which keeps a sample's split whatever shard
@@ -242,7 +243,7 @@ def read_webdataset_source(source: Path, cfg: Any, builder: SourceBuilder) -> tu
                     caption = reader.text(sample.texts["txt"], where)
                 else:
                     caption = metadata.get(rules.caption_field)
-                builder.caption(image, caption, row)
+                _add_captions(builder, image, caption, row)
         finally:
             reader.close()
         downloaded, not_downloaded = _downloaded_table(shard, rules)
@@ -254,9 +255,18 @@ def read_webdataset_source(source: Path, cfg: Any, builder: SourceBuilder) -> tu
             row = f"shard {shard_rel}, sample {key!r} (listed in {shard.with_suffix('.parquet').name})"
             split = rules.split(key, record.get(rules.split_field), builder.where(row))
             image = add_image(key, shard_id, key, ABSENT, 0, split, row)
-            builder.caption(image, record.get(rules.caption_field), row)
+            _add_captions(builder, image, record.get(rules.caption_field), row)
             summary.missing_from_tar += 1
     index.shard_of = np.asarray(shard_of, dtype=np.int32)
     index.offsets = np.asarray(offsets, dtype=np.int64)
     index.sizes = np.asarray(sizes, dtype=np.int64)
     return index, summary
+
+
+def _add_captions(builder, image: int, caption, row: str) -> None:
+    """One caption, or each of a list of them; an empty list counts as a missing caption."""
+    if not isinstance(caption, list):
+        builder.caption(image, caption, row)
+        return
+    for position, text in enumerate(caption or [None]):
+        builder.caption(image, text, f"{row}, caption {position}" if len(caption) > 1 else row)

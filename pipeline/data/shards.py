@@ -153,6 +153,9 @@ def index_shard(path: Path) -> tuple[list[IndexedMember], bool]:
                     break
                 if info is None:
                     break
+                # TarFile keeps every TarInfo it reads (~1 KB each, 30k per img2dataset shard), only for later
+                # lookups by name, which indexing never does.
+                archive.members.clear()
                 if info.isfile():
                     members.append(IndexedMember(info.name, info.offset_data, info.size))
                     if info.offset_data + info.size > file_size:

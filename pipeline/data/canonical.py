@@ -45,6 +45,7 @@ __all__ = [
     "load_or_prepare",
     "detect_format",
     "fingerprint_tables",
+    "split_codes",
 ]
 
 SCHEMA_VERSION = 1
@@ -121,6 +122,26 @@ def _check_tables(images: pa.Table, captions: pa.Table, where: str) -> tuple[pa.
     return images, captions
 
 
+def split_codes(column: pa.ChunkedArray | pa.Array) -> tuple[np.ndarray, tuple[str, ...]]:
+    """A split column as int8 codes into the returned names: SPLITS first (code = SPLITS.index), then any other
+    value in order of first appearance, which tables built by hand may hold and which is kept, not refused."""
+    values = _combined(column).cast(pa.string()).dictionary_encode()
+    dictionary = values.dictionary.to_pylist()
+    names = (*SPLITS, *(value for value in dictionary if value not in SPLITS))
+    if len(names) > 127:
+        raise DsmdError(f"{len(names)} different split names; use {', '.join(SPLITS)}")
+    mapping = np.asarray([names.index(value) for value in dictionary], dtype=np.int8)
+    indices = values.indices.to_numpy(zero_copy_only=False)
+    return (mapping[indices] if len(indices) else np.zeros(0, np.int8)), names
+
+
+def _combined(column: pa.ChunkedArray | pa.Array) -> pa.Array:
+    """One contiguous Arrow array (indexing a ChunkedArray searches its chunks on every call)."""
+    if isinstance(column, pa.ChunkedArray):
+        return column.combine_chunks() if column.num_chunks else pa.array([], column.type)
+    return column
+
+
 class CanonicalDataset:
     """The canonical tables plus what is needed to find the images; read-only once built."""
 
@@ -142,10 +163,12 @@ class CanonicalDataset:
         self.info = dict(info or {})
         self.directory = None if directory is None else Path(directory)
         self.fingerprint = fingerprint_tables(self.images, self.captions)
-        self._image_split = np.asarray(self.images.column("split").to_pylist(), dtype=object)
-        self._caption_split = np.asarray(self.captions.column("split").to_pylist(), dtype=object)
+        # Splits as one-byte codes and paths left in Arrow: Python strings per row cost ~0.3 KB per image and
+        # caption at 100k images (benchmarks/webdataset_scale), held by every stage and worker.
+        self._image_split, self._image_split_names = split_codes(self.images.column("split"))
+        self._caption_split, _ = split_codes(self.captions.column("split"))
         self._caption_image = self.captions.column("image_id").to_numpy().astype(np.int64)
-        self._paths: list[str] = self.images.column("path").to_pylist()
+        self._paths = _combined(self.images.column("path"))
         self._texts: list[str] | None = None
         # No directory cache: readers live long, and a symlink may change under them.
         self._guard = RootGuard(self.images_root)
@@ -182,21 +205,21 @@ class CanonicalDataset:
         self._check_split(split)
         if split is None:
             return np.arange(self.num_images, dtype=np.int64)
-        return np.flatnonzero(self._image_split == split).astype(np.int64)
+        return np.flatnonzero(self._image_split == SPLITS.index(split)).astype(np.int64)
 
     def caption_ids(self, split: str | None = None) -> np.ndarray:
         """Caption ids (int64, ascending), of one split or all."""
         self._check_split(split)
         if split is None:
             return np.arange(self.num_captions, dtype=np.int64)
-        return np.flatnonzero(self._caption_split == split).astype(np.int64)
+        return np.flatnonzero(self._caption_split == SPLITS.index(split)).astype(np.int64)
 
     def caption_image_ids(self) -> np.ndarray:
         """The image id of every caption row (int64, length num_captions); index it with caption ids."""
         return self._caption_image.copy()
 
     def split_of_image(self, image_id: int) -> str:
-        return str(self._image_split[self._image_index(image_id)])
+        return self._image_split_names[int(self._image_split[self._image_index(image_id)])]
 
     def _image_index(self, image_id: int) -> int:
         index = int(image_id)
@@ -205,7 +228,7 @@ class CanonicalDataset:
         return index
 
     def image_relpath(self, image_id: int) -> str:
-        return self._paths[self._image_index(image_id)]
+        return self._paths[self._image_index(image_id)].as_py()
 
     def image_path(self, image_id: int) -> Path:
         """The image file, resolved; checked again here in case a symlink changed after prepare."""
@@ -225,7 +248,7 @@ class CanonicalDataset:
         shard = int(index.shard_of[at])
         return TarMember(
             shard=self._shard_paths[shard],
-            name=index.members[at],
+            name=index.member(at),
             offset=int(index.offsets[at]),
             size=int(index.sizes[at]),
             shard_size=index.shard_sizes[shard],
@@ -242,10 +265,10 @@ class CanonicalDataset:
     def counts(self) -> dict:
         per_split = {
             split: {
-                "images": int((self._image_split == split).sum()),
-                "captions": int((self._caption_split == split).sum()),
+                "images": int((self._image_split == code).sum()),
+                "captions": int((self._caption_split == code).sum()),
             }
-            for split in SPLITS
+            for code, split in enumerate(SPLITS)
         }
         return {
             "images": self.num_images,
@@ -478,10 +501,12 @@ def prepare_dataset(cfg: Any) -> CanonicalDataset:
     else:
         tables.read_table_source(source, fmt, cfg, builder)
     images, captions = builder.tables()
+    dropped = [row.to_dict() for row in builder.dropped]
+    del builder  # its per-row lists and lookup dicts (~1 KB per image) are not needed once the tables exist
     info = {
         "source": _source_record(cfg, fmt),
         "images_root_given": str(cfg.images_root),
-        "dropped": [row.to_dict() for row in builder.dropped],
+        "dropped": dropped,
         **extra,
     }
     dataset = CanonicalDataset(images, captions, name=cfg.name, images_root=root, info=info, tar_index=tar_index)

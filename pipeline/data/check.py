@@ -7,6 +7,7 @@ Nothing found here is fatal: a dataset with bad images is still checked complete
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import re
@@ -20,8 +21,9 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data.canonical import BAD_IMAGES_FILE, CARD_FILE, CHECK_REPORT_FILE, CanonicalDataset
+from pipeline.data.canonical import BAD_IMAGES_FILE, CARD_FILE, CHECK_REPORT_FILE, CanonicalDataset, split_codes
 from pipeline.data.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, BadImageError, DecodeMemory, load_rgb
+from pipeline.data.rows import SPLITS
 from pipeline.data.shards import ShardError
 from pipeline.errors import DsmdError
 
@@ -32,6 +34,8 @@ LONG_CAPTION_WORDS = 64
 # Decodes running at once may hold this much between them (by `decode_cost`): eight threads of ordinary photos
 # run side by side, while a few very large images in a row decode a handful at a time instead of all eight.
 DEFAULT_DECODE_MEMORY = 2 * 2**30
+# Captions turned into Python strings at once by the caption checks: enough to amortise the per-batch work.
+_TEXT_BATCH = 8192
 _BAD_SCHEMA = pa.schema([("image_id", pa.int64()), ("path", pa.string()), ("reason", pa.string())])
 
 
@@ -90,40 +94,77 @@ def _normalized(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
+def _text_hashes(texts: pa.ChunkedArray, long_words: int, on_long) -> tuple[np.ndarray, np.ndarray]:
+    """128-bit blake2b of every normalized text as two uint64 columns; ``on_long(row, words)`` for each text of
+    more than ``long_words`` words. Texts are turned into Python strings one batch at a time: holding them all
+    (with a dict keyed by them) cost about 0.7 KB per caption at 100k captions."""
+    high = np.empty(len(texts), dtype=np.uint64)
+    low = np.empty(len(texts), dtype=np.uint64)
+    start = 0
+    for chunk in texts.chunks:
+        for offset in range(0, len(chunk), _TEXT_BATCH):
+            batch = chunk.slice(offset, _TEXT_BATCH).to_pylist()
+            digests = bytearray()
+            for row, text in enumerate(batch, start):
+                digests += hashlib.blake2b(_normalized(text).encode("utf-8"), digest_size=16).digest()
+                words = len(text.split())
+                if words > long_words:
+                    on_long(row, words)
+            pairs = np.frombuffer(bytes(digests), dtype="<u8").reshape(-1, 2)
+            high[start : start + len(batch)], low[start : start + len(batch)] = pairs[:, 0], pairs[:, 1]
+            start += len(batch)
+    return high, low
+
+
+def _group_starts(*sorted_keys: np.ndarray) -> np.ndarray:
+    """Where each run of equal keys begins, given key columns already sorted together (bool per row)."""
+    starts = np.ones(len(sorted_keys[0]), dtype=bool)
+    for key in sorted_keys:
+        starts[1:] &= key[1:] == key[:-1]
+    starts[1:] = ~starts[1:]
+    return starts
+
+
 def caption_warnings(dataset: CanonicalDataset, long_words: int = LONG_CAPTION_WORDS) -> list[CaptionWarning]:
     """Duplicates inside one image, texts shared by several images of one evaluation split (val or test: the
-    query then has several right answers) and very long captions."""
-    texts = dataset.texts(dataset.caption_ids())
+    query then has several right answers) and very long captions.
+
+    Texts are compared by a 128-bit hash of their normalized form (a chance collision needs ~2**64 captions);
+    grouping is by sorting fixed-size columns, so memory stays a few numbers per caption.
+    """
     owners = dataset.caption_image_ids()
-    splits = dataset.captions.column("split").to_pylist()
     warnings: list[CaptionWarning] = []
-    first_in_image: dict[tuple[int, str], int] = {}
-    # (split, text) -> caption ids with that text, each on a different image
-    by_text: dict[tuple[str, str], list[int]] = defaultdict(list)
-    for caption_id, (text, image_id, split) in enumerate(zip(texts, owners.tolist(), splits, strict=True)):
-        key = _normalized(text)
-        earlier = first_in_image.get((image_id, key))
-        if earlier is not None:
-            warnings.append(
-                CaptionWarning(caption_id, image_id, "duplicate_in_image", f"same text as caption {earlier}")
-            )
-        else:
-            first_in_image[(image_id, key)] = caption_id
-            if split != "train":  # only evaluation splits are reported (below): training texts need no index
-                by_text[(split, key)].append(caption_id)
-        words = len(text.split())
-        if words > long_words:
-            warnings.append(
-                CaptionWarning(caption_id, image_id, "long", f"{words} words; teachers truncate long captions")
-            )
-    for (split, _), caption_ids in by_text.items():
-        # Only where it makes the right answer ambiguous: in training data a common caption is normal.
-        if len(caption_ids) > 1:
-            images = [int(owners[c]) for c in caption_ids]
+
+    def on_long(caption_id: int, words: int) -> None:
+        detail = f"{words} words; teachers truncate long captions"
+        warnings.append(CaptionWarning(caption_id, int(owners[caption_id]), "long", detail))
+
+    high, low = _text_hashes(dataset.captions.column("text"), long_words, on_long)
+    caption_ids = np.arange(len(owners), dtype=np.int64)
+    # Same image and text: every caption after the first of its group repeats it.
+    order = np.lexsort((caption_ids, low, high, owners))
+    starts = _group_starts(owners[order], high[order], low[order])
+    first = order[np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))] if len(order) else order
+    for caption_id, earlier in zip(order[~starts].tolist(), first[~starts].tolist(), strict=True):
+        warnings.append(
+            CaptionWarning(caption_id, int(owners[caption_id]), "duplicate_in_image", f"same text as caption {earlier}")
+        )
+    # Only where it makes the right answer ambiguous: in training data a common caption is normal.
+    unique = np.zeros(len(owners), dtype=bool)
+    unique[order[starts]] = True
+    splits, names = split_codes(dataset.captions.column("split"))
+    candidates = np.flatnonzero(unique & (splits != SPLITS.index("train")))
+    order = candidates[np.lexsort((candidates, low[candidates], high[candidates], splits[candidates]))]
+    starts = np.flatnonzero(_group_starts(splits[order], high[order], low[order]))
+    ends = np.append(starts[1:], len(order))[: len(starts)]
+    for begin, end in zip(starts.tolist(), ends.tolist(), strict=True):
+        if end - begin > 1:
+            images = owners[order[begin:end]].tolist()
             shown = ", ".join(map(str, images[:5])) + (", ..." if len(images) > 5 else "")
+            split = names[int(splits[order[begin]])]
             warnings.append(
                 CaptionWarning(
-                    caption_ids[0],
+                    int(order[begin]),
                     images[0],
                     "shared_across_images",
                     f"same text on {len(images)} {split} images (ids {shown})",

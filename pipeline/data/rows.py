@@ -48,6 +48,9 @@ CAPTIONS_SCHEMA = pa.schema(
 )
 
 
+# Captions kept as Python strings while reading a source; each full batch moves into Arrow (about half the size).
+_TEXT_CHUNK = 16384
+
 # --------------------------------------------------------------------------------------------- paths
 
 
@@ -162,7 +165,8 @@ class SourceBuilder:
     paths: list[str] = field(default_factory=list)
     splits: list[str] = field(default_factory=list)
     caption_images: list[int] = field(default_factory=list)
-    caption_texts: list[str] = field(default_factory=list)
+    caption_texts: list[str] = field(default_factory=list)  # the latest ones; earlier ones are in _text_chunks
+    _text_chunks: list[pa.Array] = field(default_factory=list)
     dropped: list[DroppedRow] = field(default_factory=list)
     _by_key: dict[str, int] = field(default_factory=dict)
     _by_path: dict[str, int] = field(default_factory=dict)
@@ -173,19 +177,22 @@ class SourceBuilder:
     def where(self, row: str) -> str:
         return f"{self.source}, {row}"
 
-    def normalize_path(self, raw_path: Any, row: str) -> str:
+    def normalize_path(self, raw_path: Any, row: str, *, cache: bool = True) -> str:
         if isinstance(raw_path, str) and raw_path in self._normalized:
             return self._normalized[raw_path]
         if self._guard is None:
             self._guard = RootGuard(self.images_root, cache_dirs=True)
         relative = normalize_image_path(raw_path, self._guard, self.where(row))
-        self._normalized[raw_path] = relative
+        if cache:
+            self._normalized[raw_path] = relative
         return relative
 
     def image(self, key: str, raw_path: Any, raw_split: Any, row: str, *, unique: bool = False) -> int:
         """Index of the image ``key`` (added on first sight). ``unique``: a repeated key is an error."""
         where = self.where(row)
-        path = self.normalize_path(raw_path, row)
+        # A source of unique ids names each path once (a repeat is refused below): caching it would only hold
+        # two more strings per image for the whole run (~0.1 KB per image).
+        path = self.normalize_path(raw_path, row, cache=not unique)
         split = normalize_split(raw_split, where)
         index = self._by_key.get(key)
         if index is not None:
@@ -229,6 +236,9 @@ class SourceBuilder:
             return
         self.caption_images.append(image_index)
         self.caption_texts.append(cleaned)
+        if len(self.caption_texts) >= _TEXT_CHUNK:
+            self._text_chunks.append(pa.array(self.caption_texts, pa.string()))
+            self.caption_texts = []
 
     def tables(self) -> tuple[pa.Table, pa.Table]:
         if not self.keys:
@@ -243,13 +253,13 @@ class SourceBuilder:
             schema=IMAGES_SCHEMA,
         )
         image_ids = np.asarray(self.caption_images, dtype=np.int64)
-        image_splits = np.asarray(self.splits, dtype=object)
         captions = pa.table(
             {
                 "caption_id": pa.array(np.arange(len(image_ids), dtype=np.int64)),
                 "image_id": pa.array(image_ids),
-                "text": pa.array(self.caption_texts, pa.string()),
-                "split": pa.array(image_splits[image_ids].tolist() if len(image_ids) else [], pa.string()),
+                "text": pa.concat_arrays([*self._text_chunks, pa.array(self.caption_texts, pa.string())]),
+                # Taken in Arrow: a Python list of a split per caption would double this step's peak memory.
+                "split": images.column("split").take(pa.array(image_ids)),
             },
             schema=CAPTIONS_SCHEMA,
         )

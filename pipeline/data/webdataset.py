@@ -29,6 +29,7 @@ import hashlib
 import json
 import os
 import posixpath
+from array import array
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -202,17 +203,20 @@ def read_webdataset_source(source: Path, cfg: Any, builder: SourceBuilder) -> tu
             f"data.hash_split_val + data.hash_split_test = {rules.val + rules.test:g} leaves no training data; "
             "keep their sum below 1"
         )
-    index = TarIndex(shards=[], shard_sizes=[], shard_of=np.zeros(0, np.int32), members=[],
+    index = TarIndex(shards=[], shard_sizes=[], shard_of=np.zeros(0, np.int32), members=pa.array([], pa.string()),
                      offsets=np.zeros(0, np.int64), sizes=np.zeros(0, np.int64))
-    shard_of: list[int] = []
-    offsets: list[int] = []
-    sizes: list[int] = []
+    # Typed arrays, not lists of Python ints (~36 bytes each), for the whole run.
+    shard_of = array("i")
+    offsets = array("q")
+    sizes = array("q")
+    names: list[str] = []  # of the shard being read; earlier shards' names are already in Arrow
+    name_chunks: list[pa.Array] = []
     summary = WebDatasetSummary()
 
     def add_image(key: str, shard_id: int, name: str, offset: int, size: int, split: Any, row: str) -> int:
         image_index = builder.image(key, f"{index.shards[shard_id]}/{name}", split, row, unique=True)
         shard_of.append(shard_id)
-        index.members.append(name)
+        names.append(name)
         offsets.append(offset)
         sizes.append(size)
         return image_index
@@ -257,9 +261,12 @@ def read_webdataset_source(source: Path, cfg: Any, builder: SourceBuilder) -> tu
             image = add_image(key, shard_id, key, ABSENT, 0, split, row)
             _add_captions(builder, image, record.get(rules.caption_field), row)
             summary.missing_from_tar += 1
-    index.shard_of = np.asarray(shard_of, dtype=np.int32)
-    index.offsets = np.asarray(offsets, dtype=np.int64)
-    index.sizes = np.asarray(sizes, dtype=np.int64)
+        name_chunks.append(pa.array(names, pa.string()))
+        names.clear()
+    index.shard_of = np.frombuffer(shard_of, dtype=np.intc).astype(np.int32)
+    index.offsets = np.frombuffer(offsets, dtype=np.int64).copy()
+    index.sizes = np.frombuffer(sizes, dtype=np.int64).copy()
+    index.members = pa.concat_arrays(name_chunks) if name_chunks else pa.array([], pa.string())
     return index, summary
 
 

@@ -141,6 +141,22 @@ def test_a_finished_run_is_kept_and_can_be_extended(world, tmp_path):
     assert [r["epoch"] for r in read_csv(tmp_path / "out" / "val_log.csv")] == [1, 2]
 
 
+def test_a_finished_run_whose_student_is_gone_trains_again(world, tmp_path, capsys):
+    """As under `dvc repro` after a code change: DVC deletes the stage's outputs (the student), not the
+    checkpoints; "nothing to do" would leave no student, so the rerun trains again, to the same weights."""
+    import shutil
+
+    params = write_params(world, tmp_path, {"distill": {"epochs": 1}})
+    Trainer(load(params)).train()
+    weights = tmp_path / "out" / "student" / "model.safetensors"
+    before = weights.read_bytes()
+    shutil.rmtree(weights.parent)
+    capsys.readouterr()
+    assert Trainer(load(params)).train()["steps"] == 15
+    assert "holds a finished run, but its student" in capsys.readouterr().err
+    assert weights.read_bytes() == before
+
+
 def _cli(monkeypatch, params, *args) -> int:
     from pipeline.cli import main
 

@@ -140,6 +140,14 @@ class Checkpointer:
                 raise DsmdError(message + " (run without --resume to start over)")
             console.print(f"[yellow]{message}: starting a fresh run[/yellow]")
             return False
+        if state["progress"]["epoch"] >= self.ctx.cfg.distill.epochs and not (self.ctx.out / "student").is_dir():
+            # DVC removes a stage's outputs before it reruns it (a code dependency changed): "nothing to do" would
+            # leave no student, and the checkpoint holds the last weights, not the best. Training is repeatable.
+            message = f"{path} holds a finished run, but its student ({self.ctx.out / 'student'}) is gone"
+            if mode == "yes":
+                raise DsmdError(message + ": run without --resume to train it again")
+            console.print(f"[yellow]{message}: training again from the start[/yellow]")
+            return False
         parts = self.parts
         parts.student.load_state_dict(state["model"])
         parts.optimizer.load_state_dict(state["optimizer"])

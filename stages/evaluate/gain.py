@@ -16,7 +16,7 @@ from __future__ import annotations
 import html
 import statistics
 
-__all__ = ["GAIN_METRICS", "GAIN_FACTOR", "headline_runs", "summarise", "gain_section"]
+__all__ = ["GAIN_METRICS", "GAIN_FACTOR", "headline_runs", "summarise", "figure", "gain_section"]
 
 MEASURES = ["i2t_r1", "i2t_r5", "i2t_r10", "t2i_r1", "t2i_r5", "t2i_r10", "rsum"]
 # Gathered into every experiments row (beside experiments.METRICS, which the table shows).
@@ -65,7 +65,8 @@ def summarise(rows: list[dict], model: str = "student") -> dict[str, dict]:
     return summary
 
 
-def _figure(entry: dict | None) -> str:
+def figure(entry: dict | None) -> str:
+    """A summarise() entry as the report prints it: mean, and ± spread where there are several seeds."""
     if not entry:
         return "-"
     text = f"{entry['mean']:.1f}"
@@ -99,13 +100,13 @@ def gain_section(document: dict | None) -> tuple[list[str], list[str]]:
     chance = summarise(any_rows[:1], "chance")
     header = ["model", "parameters", "seeds", *MEASURES]
     table = [["teacher", _params(teacher.get("parameters")), "1 fit",
-              *(_figure(teacher.get(m)) for m in MEASURES)]]
+              *(figure(teacher.get(m)) for m in MEASURES)]]
     for method, label in METHODS:
         if method in students:
             s = students[method]
             table.append([label, _params(s.get("parameters")), str(s["rsum"]["n"]),
-                          *(_figure(s.get(m)) for m in MEASURES)])
-    table.append(["chance", "-", "-", *(_figure(chance.get(m)) for m in MEASURES)])
+                          *(figure(s.get(m)) for m in MEASURES)])
+    table.append(["chance", "-", "-", *(figure(chance.get(m)) for m in MEASURES)])
     notes = []
     base = students["supervised"]["rsum"]
     for method, label in METHODS[:2]:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import html
 
-from stages.evaluate.gain import GAIN_FACTOR, summarise
+from stages.evaluate.gain import GAIN_FACTOR, figure, summarise
 
 __all__ = ["seed_groups", "groups_section"]
 
@@ -62,12 +62,6 @@ def _against(a: dict, b: dict) -> str:
             f"{'beyond' if beyond else 'within'} {GAIN_FACTOR:g}x")
 
 
-def _figure(entry: dict | None) -> str:
-    if not entry:
-        return "-"
-    return f"{entry['mean']:.1f}" if entry["spread"] is None else f"{entry['mean']:.1f} ± {entry['spread']:.1f}"
-
-
 def groups_section(document: dict | None) -> tuple[list[str], list[str]]:
     """(Markdown lines, HTML parts); empty unless some group has more than one seed."""
     groups = seed_groups(document or {})
@@ -81,7 +75,7 @@ def groups_section(document: dict | None) -> tuple[list[str], list[str]]:
         summary = summarise(rows)
         against = "-" if rows is reference_rows else _against(summary["rsum"], reference["rsum"])
         table.append([_label(settings, reference_settings), str(summary["rsum"]["n"]),
-                      *(_figure(summary.get(m)) for m in SHOWN), against])
+                      *(figure(summary.get(m)) for m in SHOWN), against])
     title = "Seed groups"
     intro = ("Every gathered run, grouped by its settings with the seeds pooled: test split, mean ± sample "
              "standard deviation over seeds, each group against the group of the baseline commit's settings.")

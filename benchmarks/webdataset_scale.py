@@ -85,15 +85,16 @@ def run_phase(phase: str, root: Path, workers: int, loader_workers: int, rows_pe
     console.quiet = True
     cfg = _config(root, workers, loader_workers, rows_per_shard)
     started = time.perf_counter()
-    if phase == "prepare":
-        from pipeline.data.canonical import prepare_dataset
+    if phase == "prepare":  # what `dsmd data prepare` runs
+        from pipeline.data.canonical import prepare
+        from pipeline.data.scan import CanonicalScan
 
-        rows = prepare_dataset(cfg.data).num_images
-    elif phase == "check":
-        from pipeline.data.canonical import CanonicalDataset
+        rows = CanonicalScan(prepare(cfg.data)).num_images
+    elif phase == "check":  # what `dsmd data check` runs
         from pipeline.data.check import check_dataset
+        from pipeline.data.scan import CanonicalScan
 
-        report = check_dataset(CanonicalDataset.load(cfg.data.canonical_dir), workers=2, progress=False)
+        report = check_dataset(CanonicalScan(cfg.data.canonical_dir), workers=2, progress=False)
         assert not report.bad_images, report.bad_images[:3]
         rows = report.num_images
     else:

@@ -62,7 +62,9 @@ def test_caption_warnings_match_the_reference(data):
     owners = data.draw(st.lists(st.integers(0, len(image_splits) - 1), min_size=n_captions, max_size=n_captions))
     texts = data.draw(st.lists(TEXT, min_size=n_captions, max_size=n_captions))
     splits = [image_splits[o] for o in owners]
-    assert caption_warnings(dataset(texts, owners, image_splits), LONG_WORDS) == reference(texts, owners, splits)
+    spill_rows = data.draw(st.sampled_from([1 << 20, 1, 3]))  # in memory, or through disk in tiny pieces
+    found = caption_warnings(dataset(texts, owners, image_splits), LONG_WORDS, spill_rows=spill_rows)
+    assert found == reference(texts, owners, splits)
 
 
 def test_a_text_shared_by_many_evaluation_images_names_the_first_five():

@@ -23,9 +23,7 @@ Decisions:
 from __future__ import annotations
 
 import hashlib
-import json
-import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -34,69 +32,43 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.data import karpathy, tables, webdataset
-from pipeline.data.rows import CAPTIONS_SCHEMA, IMAGES_SCHEMA, SPLITS, RootGuard, SourceBuilder
-from pipeline.data.shards import TarIndex, TarMember, check_shard
+from pipeline.data.files import (
+    BAD_IMAGES_FILE,
+    CAPTIONS_FILE,
+    CARD_FILE,
+    CHECK_REPORT_FILE,
+    IMAGES_FILE,
+    TAR_INDEX_FILE,
+    commit,
+    make_card,
+    make_directory,
+    read_card,
+    refuse_file_in_the_way,
+    staged_path,
+)
+from pipeline.data.fingerprint import SCHEMA_VERSION, fingerprint_tables
+from pipeline.data.refs import ImageRef, Locator
+from pipeline.data.rows import CAPTIONS_SCHEMA, IMAGES_SCHEMA, SPLITS, SourceBuilder
+from pipeline.data.scan import CanonicalScan
+from pipeline.data.shards import TarIndex, TarMember
+from pipeline.data.streamed import write_streamed
 from pipeline.errors import DsmdError
 
 __all__ = [
+    "BAD_IMAGES_FILE",
+    "CARD_FILE",
+    "CHECK_REPORT_FILE",
+    "TAR_INDEX_FILE",
     "SCHEMA_VERSION",
     "CanonicalDataset",
+    "prepare",
     "prepare_dataset",
     "load_or_prepare",
+    "scan_or_prepare",
     "detect_format",
     "fingerprint_tables",
     "split_codes",
 ]
-
-SCHEMA_VERSION = 1
-IMAGES_FILE = "images.parquet"
-CAPTIONS_FILE = "captions.parquet"
-CARD_FILE = "dataset.json"
-# Written by `dsmd data check`; removed by prepare whenever the content it describes changes.
-BAD_IMAGES_FILE = "bad_images.parquet"
-CHECK_REPORT_FILE = "check_report.json"
-TAR_INDEX_FILE = "tar_index.parquet"
-
-
-# -------------------------------------------------------------------------------------- fingerprint
-
-
-def _hash_int_column(digest: Any, column: pa.ChunkedArray | pa.Array) -> None:
-    values = np.asarray(column.to_numpy(), dtype="<i8")
-    digest.update(len(values).to_bytes(8, "little"))
-    digest.update(values.tobytes())
-
-
-def _hash_string_column(digest: Any, column: pa.ChunkedArray | pa.Array) -> None:
-    """Hash strings through Arrow's buffers: (relative int64 offsets, utf-8 bytes), no Python loop."""
-    if isinstance(column, pa.ChunkedArray):
-        column = column.combine_chunks() if column.num_chunks else pa.array([], pa.string())
-    column = column.cast(pa.large_string())
-    if column.null_count:
-        raise DsmdError("canonical tables must not hold nulls")
-    digest.update(len(column).to_bytes(8, "little"))
-    if len(column) == 0:
-        return
-    _, offsets_buffer, data_buffer = column.buffers()
-    offsets = np.frombuffer(offsets_buffer, dtype="<i8", count=len(column) + 1, offset=column.offset * 8)
-    start, end = int(offsets[0]), int(offsets[-1])
-    digest.update((offsets - start).astype("<i8").tobytes())
-    if data_buffer is not None:
-        digest.update(memoryview(data_buffer)[start:end])
-
-
-def fingerprint_tables(images: pa.Table, captions: pa.Table) -> str:
-    """sha256 (hex) of the canonical content: every id, key, path, split and caption text, in row order."""
-    digest = hashlib.sha256(f"dsmd-canonical-v{SCHEMA_VERSION}".encode())
-    for table, schema in ((images, IMAGES_SCHEMA), (captions, CAPTIONS_SCHEMA)):
-        for column in schema:
-            digest.update(column.name.encode() + b"\x00")
-            if pa.types.is_integer(column.type):
-                _hash_int_column(digest, table.column(column.name))
-            else:
-                _hash_string_column(digest, table.column(column.name))
-    return digest.hexdigest()
-
 
 # ---------------------------------------------------------------------------------------- the class
 
@@ -170,18 +142,11 @@ class CanonicalDataset:
         self._caption_image = self.captions.column("image_id").to_numpy().astype(np.int64)
         self._paths = _combined(self.images.column("path"))
         self._texts: list[str] | None = None
-        # No directory cache: readers live long, and a symlink may change under them.
-        self._guard = RootGuard(self.images_root)
         self.tar_index = tar_index
-        self._shard_paths: list[Path] = []
-        if tar_index is not None:
-            if len(tar_index) != self.num_images:
-                raise DsmdError(f"{name}: the tar index has {len(tar_index)} rows for {self.num_images} images")
-            for shard in tar_index.shards:
-                try:
-                    self._shard_paths.append(Path(self._guard.resolve(shard)))
-                except ValueError as exc:
-                    raise DsmdError(f"{name}: shard {shard!r} {exc}") from None
+        if tar_index is not None and len(tar_index) != self.num_images:
+            raise DsmdError(f"{name}: the tar index has {len(tar_index)} rows for {self.num_images} images")
+        self._locator = Locator(name, self.images_root, None if tar_index is None else tar_index.shards,
+                                None if tar_index is None else tar_index.shard_sizes)
 
     # ---------------------------------------------------------------- sizes and ids
     @property
@@ -230,29 +195,36 @@ class CanonicalDataset:
     def image_relpath(self, image_id: int) -> str:
         return self._paths[self._image_index(image_id)].as_py()
 
+    def image_relpaths(self, image_ids: list[int]) -> list[str]:
+        return [self.image_relpath(i) for i in image_ids]
+
     def image_path(self, image_id: int) -> Path:
         """The image file, resolved; checked again here in case a symlink changed after prepare."""
-        relative = self.image_relpath(image_id)
-        if self.tar_index is not None:
-            raise DsmdError(f"{self.name}: image {image_id} lies inside a tar shard; read it through image_source")
-        try:
-            return Path(self._guard.resolve(relative))
-        except ValueError as exc:
-            raise DsmdError(f"{self.name}: image {image_id} ({relative!r}) {exc}") from None
+        return self._locator.path(image_id, self.image_relpath(image_id))
 
     def image_source(self, image_id: int) -> Path | TarMember:
         """Where to read an image: its file, or its member in a tar shard (what `load_rgb` takes either way)."""
-        if self.tar_index is None:
-            return self.image_path(image_id)
-        index, at = self.tar_index, self._image_index(image_id)
-        shard = int(index.shard_of[at])
-        return TarMember(
-            shard=self._shard_paths[shard],
-            name=index.member(at),
-            offset=int(index.offsets[at]),
-            size=int(index.sizes[at]),
-            shard_size=index.shard_sizes[shard],
-        )
+        return self._locator.source(self._ref(self._image_index(image_id)))
+
+    def _ref(self, at: int) -> ImageRef:
+        index = self.tar_index
+        if index is None:
+            return ImageRef(at, self._paths[at].as_py())
+        return ImageRef(at, self._paths[at].as_py(), int(index.shard_of[at]), index.member(at),
+                        int(index.offsets[at]), int(index.sizes[at]))
+
+    # ---------------------------------------------------------------- passes over every row (as CanonicalScan)
+    def image_refs(self, batch_rows: int = 8192) -> Iterator[list[ImageRef]]:
+        for start in range(0, self.num_images, batch_rows):
+            yield [self._ref(at) for at in range(start, min(start + batch_rows, self.num_images))]
+
+    def locate(self, ref: ImageRef) -> Path | TarMember:
+        return self._locator.source(ref)
+
+    def caption_batches(self, batch_rows: int = 8192, columns: list[str] | None = None) -> Iterator[pa.RecordBatch]:
+        """caption_id, image_id, text, split (or ``columns``), a batch at a time."""
+        table = self.captions if columns is None else self.captions.select(columns)
+        yield from table.to_batches(max_chunksize=batch_rows)
 
     def texts(self, caption_ids: Sequence[int] | np.ndarray) -> list[str]:
         if self._texts is None:
@@ -279,39 +251,18 @@ class CanonicalDataset:
 
     # ---------------------------------------------------------------- files
     def card(self) -> dict:
-        return {
-            "schema_version": SCHEMA_VERSION,
-            "name": self.name,
-            "images_root": str(self.images_root),
-            "fingerprint": self.fingerprint,
-            "counts": self.counts(),
-            **{
-                k: v
-                for k, v in self.info.items()
-                if k not in ("schema_version", "name", "images_root", "fingerprint", "counts")
-            },
-        }
+        return make_card(self.name, self.images_root, self.fingerprint, self.counts(), self.info)
 
     def save(self, directory: str | Path) -> Path:
         """Write the three files. dataset.json goes last, so a crash leaves a directory load() refuses."""
-        directory = _make_directory(Path(directory))
-        previous = _read_card(directory) if (directory / CARD_FILE).exists() else None
-        _write_atomic(directory / IMAGES_FILE, lambda p: pq.write_table(self.images, p))
-        _write_atomic(directory / CAPTIONS_FILE, lambda p: pq.write_table(self.captions, p))
-        if self.tar_index is not None:
-            _write_atomic(directory / TAR_INDEX_FILE, lambda p: pq.write_table(self.tar_index.to_table(), p))
-        else:
-            (directory / TAR_INDEX_FILE).unlink(missing_ok=True)
-        if (
-            previous is None
-            or previous.get("fingerprint") != self.fingerprint
-            or previous.get("images_root") != str(self.images_root)
-        ):
-            # An earlier check describes other content (or other files): it must not be trusted.
-            for stale in (BAD_IMAGES_FILE, CHECK_REPORT_FILE):
-                (directory / stale).unlink(missing_ok=True)
-        text = json.dumps(self.card(), indent=2, ensure_ascii=False) + "\n"
-        _write_atomic(directory / CARD_FILE, lambda p: Path(p).write_text(text, encoding="utf-8"))
+        directory = make_directory(Path(directory))
+        staged: dict[str, Path | None] = {}
+        for name, table in ((IMAGES_FILE, self.images), (CAPTIONS_FILE, self.captions),
+                            (TAR_INDEX_FILE, None if self.tar_index is None else self.tar_index.to_table())):
+            staged[name] = None if table is None else staged_path(directory, name)
+            if table is not None:
+                pq.write_table(table, staged[name])
+        commit(directory, staged, self.card())
         self.directory = directory
         return directory
 
@@ -319,13 +270,13 @@ class CanonicalDataset:
     def load(cls, directory: str | Path, images_root: str | Path | None = None) -> CanonicalDataset:
         """Read a canonical directory; ``images_root`` overrides the recorded one (images moved)."""
         directory = Path(directory)
-        card = _read_card(directory)
+        card = read_card(directory)
         try:
             images = pq.read_table(directory / IMAGES_FILE)
             captions = pq.read_table(directory / CAPTIONS_FILE)
             in_tars = card.get("source", {}).get("format") == "webdataset"
             tar_index = (
-                TarIndex.from_table(pq.read_table(directory / TAR_INDEX_FILE), str(directory)) if in_tars else None
+                TarIndex.read(directory / TAR_INDEX_FILE, str(directory)) if in_tars else None
             )
         except (OSError, pa.ArrowInvalid) as exc:
             raise DsmdError(
@@ -349,60 +300,8 @@ class CanonicalDataset:
         return dataset
 
     def check_shards(self) -> None:
-        """For a dataset in tar shards: refuse, in one line, a shard that is missing or changed since it was
-        indexed. Done on loading, so that no stage meets it first inside a loader or Dask worker."""
-        if self.tar_index is not None:
-            for path, size in zip(self._shard_paths, self.tar_index.shard_sizes, strict=True):
-                check_shard(path, size)
-
-
-def _refuse_file_in_the_way(directory: Path) -> None:
-    """A file where the canonical directory (or one of its parents) should be is refused in one line."""
-    for path in (directory, *directory.parents):
-        if path.exists():
-            if not path.is_dir():
-                what = "is a file" if path == directory else f"lies under {str(path)!r}, which is a file"
-                raise DsmdError(
-                    f"data.canonical_dir {str(directory)!r} {what}, not a directory; set data.canonical_dir "
-                    "to a directory path (or move the file away)"
-                )
-            return
-
-
-def _make_directory(directory: Path) -> Path:
-    _refuse_file_in_the_way(directory)
-    try:
-        directory.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise DsmdError(
-            f"data.canonical_dir {str(directory)!r}: cannot create it ({exc.strerror or exc}); set "
-            "data.canonical_dir to a writable directory"
-        ) from None
-    return directory
-
-
-def _write_atomic(path: Path, write) -> None:
-    temporary = path.with_name(f".{path.name}.tmp")
-    write(temporary)
-    os.replace(temporary, path)
-
-
-def _read_card(directory: Path) -> dict:
-    card_path = directory / CARD_FILE
-    if not card_path.exists():
-        raise DsmdError(f"{directory}: no canonical dataset here ({CARD_FILE} missing); run `dsmd data prepare`")
-    try:
-        card = json.loads(card_path.read_text(encoding="utf-8"))
-    except (OSError, json.JSONDecodeError) as exc:
-        raise DsmdError(f"{card_path}: unreadable ({exc}); rerun `dsmd data prepare`") from None
-    if not isinstance(card, dict) or card.get("schema_version") != SCHEMA_VERSION:
-        raise DsmdError(
-            f"{card_path}: schema version {card.get('schema_version') if isinstance(card, dict) else '?'} is not "
-            f"{SCHEMA_VERSION}; rerun `dsmd data prepare`"
-        )
-    if "images_root" not in card or "fingerprint" not in card:
-        raise DsmdError(f"{card_path}: incomplete card; rerun `dsmd data prepare`")
-    return card
+        """For a dataset in tar shards: refuse, in one line, a shard that is missing or changed since indexing."""
+        self._locator.check_shards()
 
 
 # ------------------------------------------------------------------------------------------ prepare
@@ -487,38 +386,47 @@ def _checked_inputs(cfg: Any) -> tuple[Path, Path, str]:
     return source, root, detect_format(source, cfg.format)
 
 
-def prepare_dataset(cfg: Any) -> CanonicalDataset:
-    """Read ``cfg.source`` (a `DataConfig`), check every row and write the canonical directory."""
+def prepare(cfg: Any) -> Path:
+    """Read ``cfg.source`` (a `DataConfig`), check every row and write the canonical directory; return it.
+
+    A WebDataset source is read shard by shard and written as it goes (pipeline/data/streamed.py): its memory is
+    one shard's, for sources of any size. The table formats are read whole by their readers, so the tables are
+    built in memory."""
     source, root, fmt = _checked_inputs(cfg)
-    _refuse_file_in_the_way(Path(cfg.canonical_dir))  # before reading a source that may take minutes
+    directory = Path(cfg.canonical_dir)
+    refuse_file_in_the_way(directory)  # before reading a source that may take minutes
+    info = {"source": _source_record(cfg, fmt), "images_root_given": str(cfg.images_root)}
+    if fmt == "webdataset":
+        make_directory(directory)
+        shards = webdataset.iter_shards(source, root, cfg)
+        write_streamed(shards, directory, name=cfg.name, source=source, images_root=root.resolve(), info=info)
+        return directory
+    _build_in_memory(cfg, source, root, fmt, info).save(directory)
+    return directory
+
+
+def _build_in_memory(cfg: Any, source: Path, root: Path, fmt: str, info: dict) -> CanonicalDataset:
     builder = SourceBuilder(source=source, images_root=root)
-    tar_index, extra = None, {}
     if fmt == "karpathy":
         karpathy.read_karpathy(source, builder)
-    elif fmt == "webdataset":
-        tar_index, summary = webdataset.read_webdataset_source(source, cfg, builder)
-        extra = {"webdataset": summary.to_dict()}
     else:
         tables.read_table_source(source, fmt, cfg, builder)
     images, captions = builder.tables()
-    dropped = [row.to_dict() for row in builder.dropped]
+    info = {**info, "dropped": [row.to_dict() for row in builder.dropped]}
     del builder  # its per-row lists and lookup dicts (~1 KB per image) are not needed once the tables exist
-    info = {
-        "source": _source_record(cfg, fmt),
-        "images_root_given": str(cfg.images_root),
-        "dropped": dropped,
-        **extra,
-    }
-    dataset = CanonicalDataset(images, captions, name=cfg.name, images_root=root, info=info, tar_index=tar_index)
-    dataset.save(cfg.canonical_dir)
-    return dataset
+    return CanonicalDataset(images, captions, name=cfg.name, images_root=root, info=info)
+
+
+def prepare_dataset(cfg: Any) -> CanonicalDataset:
+    """`prepare`, then the dataset in memory (as `CanonicalDataset.load` gives it)."""
+    return CanonicalDataset.load(prepare(cfg))
 
 
 def is_up_to_date(cfg: Any) -> bool:
     """Whether cfg.canonical_dir was prepared from the same source bytes, settings, name and images root."""
     directory = Path(cfg.canonical_dir)
     try:
-        card = _read_card(directory)
+        card = read_card(directory)
         source, root, fmt = _checked_inputs(cfg)
     except DsmdError:
         return False
@@ -538,3 +446,13 @@ def load_or_prepare(cfg: Any) -> tuple[CanonicalDataset, bool]:
         except DsmdError:
             pass
     return prepare_dataset(cfg), True
+
+
+def scan_or_prepare(cfg: Any) -> tuple[CanonicalScan, bool]:
+    """As `load_or_prepare`, but the dataset opened for a pass over every row (`CanonicalScan`), not held."""
+    if is_up_to_date(cfg):
+        try:
+            return CanonicalScan(cfg.canonical_dir), False
+        except DsmdError:
+            pass
+    return CanonicalScan(prepare(cfg)), True

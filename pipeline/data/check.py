@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import re
+import tempfile
 from collections import defaultdict, deque
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -21,10 +22,12 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data.canonical import BAD_IMAGES_FILE, CARD_FILE, CHECK_REPORT_FILE, CanonicalDataset, split_codes
+from pipeline.data.files import BAD_IMAGES_FILE, CARD_FILE, CHECK_REPORT_FILE
 from pipeline.data.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, BadImageError, DecodeMemory, load_rgb
+from pipeline.data.refs import ImageRef
 from pipeline.data.rows import SPLITS
 from pipeline.data.shards import ShardError
+from pipeline.data.spill import SpilledGroups
 from pipeline.errors import DsmdError
 
 __all__ = ["BadImage", "CaptionWarning", "CheckReport", "check_dataset", "load_bad_images", "caption_warnings"]
@@ -94,26 +97,47 @@ def _normalized(text: str) -> str:
     return re.sub(r"\s+", " ", text).strip().lower()
 
 
-def _text_hashes(texts: pa.ChunkedArray, long_words: int, on_long) -> tuple[np.ndarray, np.ndarray]:
-    """128-bit blake2b of every normalized text as two uint64 columns; ``on_long(row, words)`` for each text of
-    more than ``long_words`` words. Texts are turned into Python strings one batch at a time: holding them all
-    (with a dict keyed by them) cost about 0.7 KB per caption at 100k captions."""
-    high = np.empty(len(texts), dtype=np.uint64)
-    low = np.empty(len(texts), dtype=np.uint64)
-    start = 0
-    for chunk in texts.chunks:
-        for offset in range(0, len(chunk), _TEXT_BATCH):
-            batch = chunk.slice(offset, _TEXT_BATCH).to_pylist()
-            digests = bytearray()
-            for row, text in enumerate(batch, start):
-                digests += hashlib.blake2b(_normalized(text).encode("utf-8"), digest_size=16).digest()
-                words = len(text.split())
-                if words > long_words:
-                    on_long(row, words)
-            pairs = np.frombuffer(bytes(digests), dtype="<u8").reshape(-1, 2)
-            high[start : start + len(batch)], low[start : start + len(batch)] = pairs[:, 0], pairs[:, 1]
-            start += len(batch)
-    return high, low
+_CAPTION_RECORD = np.dtype(
+    [("hash", "<u8"), ("low", "<u8"), ("caption_id", "<i8"), ("image_id", "<i8"), ("split", "i1")]
+)
+
+
+class _SplitCodes:
+    """Split names as int8 codes, the same in every batch: SPLITS first (code = SPLITS.index), then any other
+    value in order of first appearance (tables built by hand may hold one; it is kept, not refused)."""
+
+    def __init__(self):
+        self.names = list(SPLITS)
+
+    def codes(self, column: pa.Array) -> np.ndarray:
+        values = column.cast(pa.string()).dictionary_encode()
+        for name in values.dictionary.to_pylist():
+            if name not in self.names:
+                self.names.append(name)
+        if len(self.names) > 127:
+            raise DsmdError(f"{len(self.names)} different split names; use {', '.join(SPLITS)}")
+        mapping = np.asarray([self.names.index(v) for v in values.dictionary.to_pylist()], dtype=np.int8)
+        indices = values.indices.to_numpy(zero_copy_only=False)
+        return mapping[indices] if len(indices) else np.zeros(0, np.int8)
+
+
+def _text_records(batch: pa.RecordBatch, splits: _SplitCodes, long_words: int, on_long) -> np.ndarray:
+    """128-bit blake2b of every normalized text of the batch (hash = its first half), with the caption's ids and
+    split; ``on_long(caption_id, image_id, words)`` for each text of more than ``long_words`` words."""
+    texts = batch.column("text").to_pylist()
+    records = np.empty(len(texts), _CAPTION_RECORD)
+    records["caption_id"] = batch.column("caption_id").to_numpy()
+    records["image_id"] = batch.column("image_id").to_numpy()
+    records["split"] = splits.codes(batch.column("split"))
+    digests = bytearray()
+    for row, text in enumerate(texts):
+        digests += hashlib.blake2b(_normalized(text).encode("utf-8"), digest_size=16).digest()
+        words = len(text.split())
+        if words > long_words:
+            on_long(int(records["caption_id"][row]), int(records["image_id"][row]), words)
+    pairs = np.frombuffer(bytes(digests), dtype="<u8").reshape(-1, 2)
+    records["hash"], records["low"] = pairs[:, 0], pairs[:, 1]
+    return records
 
 
 def _group_starts(*sorted_keys: np.ndarray) -> np.ndarray:
@@ -125,79 +149,79 @@ def _group_starts(*sorted_keys: np.ndarray) -> np.ndarray:
     return starts
 
 
-def caption_warnings(dataset: CanonicalDataset, long_words: int = LONG_CAPTION_WORDS) -> list[CaptionWarning]:
-    """Duplicates inside one image, texts shared by several images of one evaluation split (val or test: the
-    query then has several right answers) and very long captions.
-
-    Texts are compared by a 128-bit hash of their normalized form (a chance collision needs ~2**64 captions);
-    grouping is by sorting fixed-size columns, so memory stays a few numbers per caption.
-    """
-    owners = dataset.caption_image_ids()
-    warnings: list[CaptionWarning] = []
-
-    def on_long(caption_id: int, words: int) -> None:
-        detail = f"{words} words; teachers truncate long captions"
-        warnings.append(CaptionWarning(caption_id, int(owners[caption_id]), "long", detail))
-
-    high, low = _text_hashes(dataset.captions.column("text"), long_words, on_long)
-    caption_ids = np.arange(len(owners), dtype=np.int64)
+def _group_warnings(records: np.ndarray, names: list[str]) -> Iterator[CaptionWarning]:
+    """The repeated-text warnings among ``records``, which hold every caption of the texts they hold."""
+    caption, owner, high, low, split = (records[n] for n in ("caption_id", "image_id", "hash", "low", "split"))
     # Same image and text: every caption after the first of its group repeats it.
-    order = np.lexsort((caption_ids, low, high, owners))
-    starts = _group_starts(owners[order], high[order], low[order])
+    order = np.lexsort((caption, low, high, owner))
+    starts = _group_starts(owner[order], high[order], low[order])
     first = order[np.maximum.accumulate(np.where(starts, np.arange(len(order)), 0))] if len(order) else order
-    for caption_id, earlier in zip(order[~starts].tolist(), first[~starts].tolist(), strict=True):
-        warnings.append(
-            CaptionWarning(caption_id, int(owners[caption_id]), "duplicate_in_image", f"same text as caption {earlier}")
-        )
+    for at, earlier in zip(order[~starts].tolist(), first[~starts].tolist(), strict=True):
+        yield CaptionWarning(int(caption[at]), int(owner[at]), "duplicate_in_image",
+                             f"same text as caption {int(caption[earlier])}")
     # Only where it makes the right answer ambiguous: in training data a common caption is normal.
-    unique = np.zeros(len(owners), dtype=bool)
+    unique = np.zeros(len(records), dtype=bool)
     unique[order[starts]] = True
-    splits, names = split_codes(dataset.captions.column("split"))
-    candidates = np.flatnonzero(unique & (splits != SPLITS.index("train")))
-    order = candidates[np.lexsort((candidates, low[candidates], high[candidates], splits[candidates]))]
-    starts = np.flatnonzero(_group_starts(splits[order], high[order], low[order]))
+    candidates = np.flatnonzero(unique & (split != SPLITS.index("train")))
+    order = candidates[np.lexsort((caption[candidates], low[candidates], high[candidates], split[candidates]))]
+    starts = np.flatnonzero(_group_starts(split[order], high[order], low[order]))
     ends = np.append(starts[1:], len(order))[: len(starts)]
     for begin, end in zip(starts.tolist(), ends.tolist(), strict=True):
         if end - begin > 1:
-            images = owners[order[begin:end]].tolist()
+            images = owner[order[begin:end]].tolist()
             shown = ", ".join(map(str, images[:5])) + (", ..." if len(images) > 5 else "")
-            split = names[int(splits[order[begin]])]
-            warnings.append(
-                CaptionWarning(
-                    int(order[begin]),
-                    images[0],
-                    "shared_across_images",
-                    f"same text on {len(images)} {split} images (ids {shown})",
-                )
-            )
+            yield CaptionWarning(int(caption[order[begin]]), images[0], "shared_across_images",
+                                 f"same text on {len(images)} {names[int(split[order[begin]])]} images (ids {shown})")
+
+
+def caption_warnings(dataset, long_words: int = LONG_CAPTION_WORDS, *,
+                     spill_rows: int = 1 << 20) -> list[CaptionWarning]:
+    """Duplicates inside one image, texts shared by several images of one evaluation split (val or test: the
+    query then has several right answers) and very long captions. ``dataset``: a `CanonicalDataset` or a
+    `CanonicalScan`.
+
+    Texts are compared by a 128-bit hash of their normalized form (a chance collision needs ~2**64 captions),
+    grouped by sorting fixed-size records. The records go through `SpilledGroups` (to disk past ``spill_rows``),
+    so memory stays bounded however many captions there are; texts become Python strings a batch at a time.
+    """
+    warnings: list[CaptionWarning] = []
+
+    def on_long(caption_id: int, image_id: int, words: int) -> None:
+        warnings.append(CaptionWarning(caption_id, image_id, "long", f"{words} words; teachers truncate long captions"))
+
+    splits = _SplitCodes()
+    spill_dir = dataset.directory if dataset.directory is not None else Path(tempfile.gettempdir())
+    with SpilledGroups(_CAPTION_RECORD, spill_dir, buffer_rows=spill_rows) as groups:
+        for batch in dataset.caption_batches(_TEXT_BATCH):
+            groups.add(_text_records(batch, splits, long_words, on_long))
+        for records in groups.groups():
+            warnings.extend(_group_warnings(records, splits.names))
     warnings.sort(key=lambda w: (w.caption_id, w.kind))
     return warnings
 
 
-def _scan_images(
-    dataset: CanonicalDataset, workers: int, limits: dict, progress: bool
-) -> Iterator[tuple[int, str | None]]:
-    def check_one(image_id: int) -> tuple[int, str | None]:
+def _scan_images(dataset, workers: int, limits: dict, progress: bool) -> Iterator[tuple[ImageRef, str | None]]:
+    def check_one(ref: ImageRef) -> tuple[ImageRef, str | None]:
         try:
-            load_rgb(dataset.image_source(image_id), **limits)
+            load_rgb(dataset.locate(ref), **limits)
         except BadImageError as exc:
-            return image_id, exc.reason
+            return ref, exc.reason
         except ShardError:
             raise  # a whole shard gone or changed: one line naming it, not thousands of bad images
         except DsmdError as exc:  # the path now leaves the root (a symlink changed since prepare)
-            return image_id, f"path outside the images root: {exc}"
-        return image_id, None
+            return ref, f"path outside the images root: {exc}"
+        return ref, None
 
-    ids = dataset.image_ids()
+    refs = (ref for batch in dataset.image_refs() for ref in batch)
     # Pillow releases the GIL while decoding, so threads give real parallelism without pickling the dataset.
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        results = _bounded_map(pool, check_one, ids, ahead=8 * workers)
+        results = _bounded_map(pool, check_one, refs, ahead=8 * workers)
         if not progress:
             yield from results
             return
         from pipeline.console import track
 
-        yield from track(results, total=len(ids), description="checking images")
+        yield from track(results, total=dataset.num_images, description="checking images")
 
 
 def _bounded_map(pool: ThreadPoolExecutor, fn, items, ahead: int) -> Iterator:
@@ -205,15 +229,22 @@ def _bounded_map(pool: ThreadPoolExecutor, fn, items, ahead: int) -> Iterator:
     once, a future per image held until read (about 2.6 KB per image at 100k images, benchmarks/webdataset_scale)."""
     pending: deque = deque()
     for item in items:
-        pending.append(pool.submit(fn, int(item)))
+        pending.append(pool.submit(fn, item))
         if len(pending) >= ahead:
             yield pending.popleft().result()
     while pending:
         yield pending.popleft().result()
 
 
+def _images_without_captions(dataset) -> list[int]:
+    with_captions = np.zeros(dataset.num_images, dtype=bool)
+    for batch in dataset.caption_batches(1 << 16, columns=["image_id"]):
+        with_captions[batch.column(0).to_numpy()] = True
+    return np.flatnonzero(~with_captions).tolist()
+
+
 def check_dataset(
-    dataset: CanonicalDataset,
+    dataset,
     workers: int | None = None,
     *,
     progress: bool = True,
@@ -222,28 +253,30 @@ def check_dataset(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
     decode_memory: int = DEFAULT_DECODE_MEMORY,
+    spill_rows: int = 1 << 20,
 ) -> CheckReport:
     """Decode every image and inspect every caption. With ``write``, store the results in the dataset's dir.
 
+    ``dataset``: a `CanonicalDataset`, or a `CanonicalScan` (`dsmd data check`), which keeps memory bounded by a
+    batch: the images are streamed, the captions grouped through `SpilledGroups` (``spill_rows``). What grows
+    with the dataset is one byte per image (which have captions) and the problems found.
     ``decode_memory`` bounds the memory of the decodes running at once (see `DecodeMemory`).
     """
     workers = workers or min(8, os.cpu_count() or 1)
     limits = {"max_pixels": max_pixels, "max_decode_bytes": max_decode_bytes, "memory": DecodeMemory(decode_memory)}
     bad = [
-        BadImage(image_id, dataset.image_relpath(image_id), reason)
-        for image_id, reason in _scan_images(dataset, workers, limits, progress)
+        BadImage(ref.image_id, ref.relpath, reason)
+        for ref, reason in _scan_images(dataset, workers, limits, progress)
         if reason is not None
     ]
-    with_captions = np.zeros(dataset.num_images, dtype=bool)
-    with_captions[dataset.caption_image_ids()] = True
     report = CheckReport(
         name=dataset.name,
         fingerprint=dataset.fingerprint,
         num_images=dataset.num_images,
         num_captions=dataset.num_captions,
         bad_images=bad,
-        caption_warnings=caption_warnings(dataset, long_words),
-        images_without_captions=np.flatnonzero(~with_captions).tolist(),
+        caption_warnings=caption_warnings(dataset, long_words, spill_rows=spill_rows),
+        images_without_captions=_images_without_captions(dataset),
         dropped=dataset.dropped,
     )
     if write:

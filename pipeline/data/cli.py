@@ -61,10 +61,10 @@ def _problem_table(title: str, columns: list[str], rows: list[list[str]], limit:
 @data_app.command("prepare")
 def prepare(ctx: typer.Context) -> None:
     """Read data.source, check every row and write the canonical dataset to data.canonical_dir."""
-    from pipeline.data.canonical import prepare_dataset
+    from pipeline.data.canonical import prepare
+    from pipeline.data.scan import CanonicalScan
 
-    dataset = prepare_dataset(get_config(ctx).data)
-    _print_dataset(dataset)
+    _print_dataset(CanonicalScan(prepare(get_config(ctx).data)))
 
 
 @data_app.command("check")
@@ -78,11 +78,12 @@ def check(
     Exits 0 whenever the whole dataset could be checked, also when it found bad images: later stages skip
     those images using the list written here.
     """
-    from pipeline.data.canonical import BAD_IMAGES_FILE, CHECK_REPORT_FILE, load_or_prepare
+    from pipeline.data.canonical import BAD_IMAGES_FILE, CHECK_REPORT_FILE, scan_or_prepare
     from pipeline.data.check import check_dataset
 
     cfg = get_config(ctx).data
-    dataset, prepared = load_or_prepare(cfg)
+    # Read a batch at a time, not held: a web-scale dataset is checked in bounded memory.
+    dataset, prepared = scan_or_prepare(cfg)
     if prepared:
         console.print(f"prepared the canonical dataset in {dataset.directory}", highlight=False, markup=False)
     report = check_dataset(dataset, workers=workers or None)
@@ -104,10 +105,12 @@ def check(
         rows = [[d["where"], str(d.get("image_key")), d["reason"]] for d in report.dropped]
         console.print(_problem_table("dropped caption rows", ["row", "image", "reason"], rows, limit, len(rows)))
     if report.images_without_captions:
-        rows = [[str(i), dataset.image_relpath(i)] for i in report.images_without_captions]
+        shown = report.images_without_captions[:limit] if limit > 0 else report.images_without_captions
+        rows = [[str(i), path] for i, path in zip(shown, dataset.image_relpaths(shown), strict=True)]
         console.print(
             _problem_table(
-                "images without captions (kept in the gallery)", ["image_id", "path"], rows, limit, len(rows)
+                "images without captions (kept in the gallery)", ["image_id", "path"], rows, limit,
+                len(report.images_without_captions),
             )
         )
     if report.caption_warnings:
@@ -137,11 +140,12 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="Print dataset.json to standard output."),
 ) -> None:
     """Describe the canonical dataset in data.canonical_dir (run `dsmd data prepare` first)."""
-    from pipeline.data.canonical import BAD_IMAGES_FILE, CanonicalDataset
+    from pipeline.data.canonical import BAD_IMAGES_FILE
     from pipeline.data.check import load_bad_images
+    from pipeline.data.scan import CanonicalScan
 
     cfg = get_config(ctx).data
-    dataset = CanonicalDataset.load(cfg.canonical_dir)
+    dataset = CanonicalScan(cfg.canonical_dir)
     if as_json:
         typer.echo(json.dumps(dataset.card(), indent=2, ensure_ascii=False))
         return

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
 from pipeline.errors import DsmdError
 
@@ -34,11 +35,17 @@ __all__ = [
     "ShardError",
     "TarIndex",
     "TarMember",
+    "TAR_INDEX_SCHEMA",
     "check_shard",
+    "shards_from_metadata",
+    "shards_metadata",
     "index_shard",
 ]
 
 _SHARDS_KEY = "dsmd_shards"
+# tar_index.parquet; its key-value metadata holds the shard list (`shards_metadata`).
+TAR_INDEX_SCHEMA = pa.schema([("image_id", pa.int64()), ("shard", pa.int32()), ("member", pa.string()),
+                              ("offset", pa.int64()), ("size", pa.int64())])
 
 # The offset of a sample that the shard's img2dataset table lists as downloaded but that the tar lacks.
 ABSENT = -1
@@ -167,6 +174,11 @@ def index_shard(path: Path) -> tuple[list[IndexedMember], bool]:
     return members, truncated
 
 
+def shards_metadata(shards: list[dict]) -> dict[str, str]:
+    """The tar index's metadata: each shard's path (relative to the images root) and size at indexing."""
+    return {_SHARDS_KEY: json.dumps(shards)}
+
+
 @dataclass
 class TarIndex:
     """Where each image of a dataset lies: ``shards`` (paths relative to the images root) with their sizes at
@@ -195,28 +207,45 @@ class TarIndex:
                 "member": self.members.cast(pa.string()),
                 "offset": pa.array(self.offsets, pa.int64()),
                 "size": pa.array(self.sizes, pa.int64()),
-            }
-        ).replace_schema_metadata({_SHARDS_KEY: json.dumps(shards)})
+            },
+            schema=TAR_INDEX_SCHEMA,
+        ).replace_schema_metadata(shards_metadata(shards))
 
     @classmethod
-    def from_table(cls, table: pa.Table, where: str) -> TarIndex:
+    def read(cls, path: Path, where: str) -> TarIndex:
+        """The index in tar_index.parquet; its shard list is in the file's key-value metadata (written after
+        the rows by a streamed prepare, so not part of the Arrow schema stored at its start)."""
+        file = pq.ParquetFile(path)
+        return cls.from_table(file.read(), where, file.metadata.metadata)
+
+    @classmethod
+    def from_table(cls, table: pa.Table, where: str, metadata: dict | None = None) -> TarIndex:
         try:
-            shards = json.loads((table.schema.metadata or {})[_SHARDS_KEY.encode()])
+            shards, sizes = shards_from_metadata(metadata or table.schema.metadata, where)
             index = cls(
-                shards=[str(s["path"]) for s in shards],
-                shard_sizes=[int(s["size"]) for s in shards],
+                shards=shards,
+                shard_sizes=sizes,
                 shard_of=table.column("shard").to_numpy().astype(np.int32),
                 members=_member_names(table.column("member")),
                 offsets=table.column("offset").to_numpy().astype(np.int64),
                 sizes=table.column("size").to_numpy().astype(np.int64),
             )
-        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise DsmdError(f"{where}: damaged tar index ({exc}); rerun `dsmd data prepare`") from None
         if not np.array_equal(table.column("image_id").to_numpy(), np.arange(len(index))) or (
             len(index) and not 0 <= int(index.shard_of.min()) <= int(index.shard_of.max()) < len(index.shards)
         ):
             raise DsmdError(f"{where}: damaged tar index (ids or shard numbers); rerun `dsmd data prepare`")
         return index
+
+
+def shards_from_metadata(metadata: dict | None, where: str) -> tuple[list[str], list[int]]:
+    """The shard paths and sizes that `shards_metadata` recorded."""
+    try:
+        shards = json.loads((metadata or {})[_SHARDS_KEY.encode()])
+        return [str(s["path"]) for s in shards], [int(s["size"]) for s in shards]
+    except (KeyError, TypeError, ValueError) as exc:
+        raise DsmdError(f"{where}: damaged tar index ({exc}); rerun `dsmd data prepare`") from None
 
 
 def _member_names(column: pa.ChunkedArray) -> pa.Array:

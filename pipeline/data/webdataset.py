@@ -30,19 +30,19 @@ import json
 import os
 import posixpath
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
 from pipeline.data.rows import DroppedRow, SourceBuilder
-from pipeline.data.shards import ABSENT, IndexedMember, ShardError, TarIndex, index_shard
+from pipeline.data.shards import ABSENT, IndexedMember, ShardError, index_shard
 from pipeline.errors import DsmdError
 
-__all__ = ["IMAGE_EXTENSIONS", "list_shards", "hash_split", "read_webdataset_source"]
+__all__ = ["IMAGE_EXTENSIONS", "ShardRows", "WebDatasetSummary", "list_shards", "hash_split", "iter_shards"]
 
 # In order of preference, for a sample that holds the image in several encodings.
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -180,6 +180,13 @@ class WebDatasetSummary:
     not_downloaded: int = 0
     missing_from_tar: int = 0
 
+    def add(self, shard: ShardRows) -> None:
+        self.shards += 1
+        if shard.truncated:
+            self.truncated_shards.append(shard.path)
+        self.not_downloaded += shard.not_downloaded
+        self.missing_from_tar += shard.missing_from_tar
+
     def to_dict(self) -> dict:
         return {
             "shards": self.shards,
@@ -189,8 +196,30 @@ class WebDatasetSummary:
         }
 
 
-def read_webdataset_source(source: Path, cfg: Any, builder: SourceBuilder) -> tuple[TarIndex, WebDatasetSummary]:
-    """Index every shard of ``source`` and fill ``builder``; ``cfg`` is the `DataConfig`."""
+@dataclass
+class ShardRows:
+    """One shard's rows: ``builder`` holds its images and captions, with ids local to the shard (0..n-1), and the
+    member lists say where each of its images lies in the tar."""
+
+    path: str  # relative to the images root
+    size: int
+    builder: SourceBuilder
+    members: list[str] = field(default_factory=list)
+    offsets: array = field(default_factory=lambda: array("q"))
+    sizes: array = field(default_factory=lambda: array("q"))
+    truncated: bool = False
+    not_downloaded: int = 0
+    missing_from_tar: int = 0
+
+    def add_image(self, key: str, name: str, offset: int, size: int, split: Any, row: str) -> int:
+        image = self.builder.image(key, f"{self.path}/{name}", split, row, unique=True)
+        self.members.append(name)
+        self.offsets.append(offset)
+        self.sizes.append(size)
+        return image
+
+
+def _rules(cfg: Any) -> _Rules:
     rules = _Rules(
         caption_field=cfg.caption_column,
         split_field=cfg.split_column,
@@ -203,71 +232,53 @@ def read_webdataset_source(source: Path, cfg: Any, builder: SourceBuilder) -> tu
             f"data.hash_split_val + data.hash_split_test = {rules.val + rules.test:g} leaves no training data; "
             "keep their sum below 1"
         )
-    index = TarIndex(shards=[], shard_sizes=[], shard_of=np.zeros(0, np.int32), members=pa.array([], pa.string()),
-                     offsets=np.zeros(0, np.int64), sizes=np.zeros(0, np.int64))
-    # Typed arrays, not lists of Python ints (~36 bytes each), for the whole run.
-    shard_of = array("i")
-    offsets = array("q")
-    sizes = array("q")
-    names: list[str] = []  # of the shard being read; earlier shards' names are already in Arrow
-    name_chunks: list[pa.Array] = []
-    summary = WebDatasetSummary()
+    return rules
 
-    def add_image(key: str, shard_id: int, name: str, offset: int, size: int, split: Any, row: str) -> int:
-        image_index = builder.image(key, f"{index.shards[shard_id]}/{name}", split, row, unique=True)
-        shard_of.append(shard_id)
-        names.append(name)
-        offsets.append(offset)
-        sizes.append(size)
-        return image_index
 
+def iter_shards(source: Path, images_root: Path, cfg: Any) -> Iterator[ShardRows]:
+    """Index the shards of ``source`` one after the other (``cfg`` is the `DataConfig`); each is handed out
+    whole and then forgotten, so memory is one shard's whatever the dataset's size. Keys repeated across
+    shards are not seen here: the caller checks them (pipeline/data/streamed.py)."""
+    rules = _rules(cfg)
     for shard in list_shards(source):
-        where_shard = f"shard {shard.name}"
-        shard_rel = builder.normalize_path(str(shard.absolute()), where_shard)
-        members, truncated = index_shard(shard)
-        shard_id = len(index.shards)
-        index.shards.append(shard_rel)
-        index.shard_sizes.append(shard.stat().st_size)
-        summary.shards += 1
-        if truncated:
-            summary.truncated_shards.append(shard_rel)
-        reader = _ShardReader(shard)
-        try:
-            samples = _group(members)
-            for key, sample in samples.items():
-                row = f"shard {shard_rel}, sample {key!r}"
-                where = builder.where(row)
-                if sample.image is None:
-                    builder.dropped.append(DroppedRow(row, "no image member (jpg, jpeg, png or webp)", key))
-                    continue
-                metadata = reader.metadata(sample.texts.get("json"), where)
-                split = rules.split(key, metadata.get(rules.split_field), where)
-                image = add_image(key, shard_id, sample.image.name, sample.image.offset, sample.image.size, split, row)
-                if "txt" in sample.texts:
-                    caption = reader.text(sample.texts["txt"], where)
-                else:
-                    caption = metadata.get(rules.caption_field)
-                _add_captions(builder, image, caption, row)
-        finally:
-            reader.close()
-        downloaded, not_downloaded = _downloaded_table(shard, rules)
-        summary.not_downloaded += not_downloaded
-        for record in downloaded:
-            key = str(record["key"])
-            if key in samples:
+        builder = SourceBuilder(source=source, images_root=images_root)
+        rows = ShardRows(builder.normalize_path(str(shard.absolute()), f"shard {shard.name}"), shard.stat().st_size,
+                         builder)
+        _read_shard(shard, rules, rows)
+        yield rows
+
+
+def _read_shard(shard: Path, rules: _Rules, rows: ShardRows) -> None:
+    builder = rows.builder
+    members, rows.truncated = index_shard(shard)
+    reader = _ShardReader(shard)
+    try:
+        samples = _group(members)
+        del members
+        for key, sample in samples.items():
+            row = f"shard {rows.path}, sample {key!r}"
+            where = builder.where(row)
+            if sample.image is None:
+                builder.dropped.append(DroppedRow(row, "no image member (jpg, jpeg, png or webp)", key))
                 continue
-            row = f"shard {shard_rel}, sample {key!r} (listed in {shard.with_suffix('.parquet').name})"
-            split = rules.split(key, record.get(rules.split_field), builder.where(row))
-            image = add_image(key, shard_id, key, ABSENT, 0, split, row)
-            _add_captions(builder, image, record.get(rules.caption_field), row)
-            summary.missing_from_tar += 1
-        name_chunks.append(pa.array(names, pa.string()))
-        names.clear()
-    index.shard_of = np.frombuffer(shard_of, dtype=np.intc).astype(np.int32)
-    index.offsets = np.frombuffer(offsets, dtype=np.int64).copy()
-    index.sizes = np.frombuffer(sizes, dtype=np.int64).copy()
-    index.members = pa.concat_arrays(name_chunks) if name_chunks else pa.array([], pa.string())
-    return index, summary
+            metadata = reader.metadata(sample.texts.get("json"), where)
+            split = rules.split(key, metadata.get(rules.split_field), where)
+            image = rows.add_image(key, sample.image.name, sample.image.offset, sample.image.size, split, row)
+            caption = reader.text(sample.texts["txt"], where) if "txt" in sample.texts else metadata.get(
+                rules.caption_field)
+            _add_captions(builder, image, caption, row)
+    finally:
+        reader.close()
+    downloaded, rows.not_downloaded = _downloaded_table(shard, rules)
+    for record in downloaded:
+        key = str(record["key"])
+        if key in samples:
+            continue
+        row = f"shard {rows.path}, sample {key!r} (listed in {shard.with_suffix('.parquet').name})"
+        split = rules.split(key, record.get(rules.split_field), builder.where(row))
+        image = rows.add_image(key, key, ABSENT, 0, split, row)
+        _add_captions(builder, image, record.get(rules.caption_field), row)
+        rows.missing_from_tar += 1
 
 
 def _add_captions(builder, image: int, caption, row: str) -> None:

@@ -27,7 +27,7 @@ from pipeline.data.images import DEFAULT_MAX_DECODE_BYTES, DEFAULT_MAX_PIXELS, B
 from pipeline.data.refs import ImageRef
 from pipeline.data.rows import SPLITS
 from pipeline.data.shards import ShardError
-from pipeline.data.spill import SpilledGroups
+from pipeline.data.spill import BUFFER_ROWS, SpilledGroups
 from pipeline.errors import DsmdError
 
 __all__ = ["BadImage", "CaptionWarning", "CheckReport", "check_dataset", "load_bad_images", "caption_warnings"]
@@ -175,7 +175,7 @@ def _group_warnings(records: np.ndarray, names: list[str]) -> Iterator[CaptionWa
 
 
 def caption_warnings(dataset, long_words: int = LONG_CAPTION_WORDS, *,
-                     spill_rows: int = 1 << 20) -> list[CaptionWarning]:
+                     spill_rows: int = BUFFER_ROWS) -> list[CaptionWarning]:
     """Duplicates inside one image, texts shared by several images of one evaluation split (val or test: the
     query then has several right answers) and very long captions. ``dataset``: a `CanonicalDataset` or a
     `CanonicalScan`.
@@ -253,7 +253,7 @@ def check_dataset(
     max_pixels: int = DEFAULT_MAX_PIXELS,
     max_decode_bytes: int = DEFAULT_MAX_DECODE_BYTES,
     decode_memory: int = DEFAULT_DECODE_MEMORY,
-    spill_rows: int = 1 << 20,
+    spill_rows: int = BUFFER_ROWS,
 ) -> CheckReport:
     """Decode every image and inspect every caption. With ``write``, store the results in the dataset's dir.
 

@@ -27,7 +27,7 @@ from pipeline.errors import DsmdError
 __all__ = ["SCHEMA_VERSION", "fingerprint_tables", "fingerprint_files"]
 
 SCHEMA_VERSION = 1
-_BATCH_ROWS = 1 << 16
+_BATCH_ROWS = 1 << 13
 
 
 def _start(schema_version: int = SCHEMA_VERSION) -> Any:

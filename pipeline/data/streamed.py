@@ -2,7 +2,7 @@
 
 Each shard's rows (pipeline/data/webdataset.py) get their global ids and are appended to the three Parquet files
 as they come; nothing of an earlier shard stays in memory but counters and, per image, a 64-bit hash of its key
-in `SpilledGroups` (which goes to disk past a million). Once every shard is read:
+in `SpilledGroups` (which goes to disk past 65k). Once every shard is read:
 - keys seen twice are found by grouping those hashes; an equal hash is confirmed on the keys themselves (read
   back from the file) before the dataset is refused, naming both shards;
 - the fingerprint is computed from the files a batch at a time (`fingerprint_files`, the same value as the
@@ -26,14 +26,15 @@ from pipeline.data.files import CAPTIONS_FILE, IMAGES_FILE, TAR_INDEX_FILE, comm
 from pipeline.data.fingerprint import column_batches, fingerprint_files
 from pipeline.data.rows import CAPTIONS_SCHEMA, IMAGES_SCHEMA, SPLITS
 from pipeline.data.shards import TAR_INDEX_SCHEMA, shards_metadata
-from pipeline.data.spill import SpilledGroups
+from pipeline.data.spill import BUFFER_ROWS, SpilledGroups
 from pipeline.data.webdataset import ShardRows, WebDatasetSummary
 from pipeline.errors import DsmdError
 
 __all__ = ["write_streamed"]
 
-# Rows gathered before a Parquet row group is written: img2dataset shards hold 10k samples, tests' a handful.
-_ROW_GROUP = 1 << 16
+# Rows gathered before a Parquet row group is written. A reader decodes a column's row group at once, so this
+# bounds its memory: an img2dataset shard (10k samples) is one row group; tests' tiny shards are gathered.
+_ROW_GROUP = 1 << 13
 _KEY_RECORD = np.dtype([("hash", "<u8"), ("image_id", "<i8"), ("shard", "<i4")])
 
 
@@ -98,7 +99,7 @@ def _offset(table: pa.Table, columns: dict[str, int]) -> pa.Table:
 
 
 def write_streamed(shards, directory: Path, *, name: str, source: Path, images_root: Path, info: dict,
-                   row_group: int = _ROW_GROUP, spill_rows: int = 1 << 20) -> dict:
+                   row_group: int = _ROW_GROUP, spill_rows: int = BUFFER_ROWS) -> dict:
     """Write the canonical directory from ``shards`` (an iterator of `ShardRows`); returns the card written.
     ``row_group``: rows per Parquet row group; ``spill_rows``: key hashes held before they go to disk."""
     staged = {file: staged_path(directory, file) for file in (IMAGES_FILE, CAPTIONS_FILE, TAR_INDEX_FILE)}

@@ -28,6 +28,7 @@ from stages.extract.plan import (
     selected_count,
     selected_rows,
 )
+from stages.extract.tracked import check_tracked, record_store
 from store import FeatureStore
 from store.backends import delete_store, store_exists, writer_lease
 from store.errors import StoreError, StoreMismatchError
@@ -68,6 +69,7 @@ def _check_ready(cfg: Config) -> None:
             f"no canonical dataset in {cfg.data.canonical_dir}: run `dsmd data prepare` (and `dsmd data check`) first"
         )
     check_splits(cfg.extract.splits)
+    check_tracked(cfg)
     ex = cfg.extract
     if ex.dask_workers < 0:
         raise DsmdError(f"extract.dask_workers must be 0 (in-process) or more, got {ex.dask_workers}")
@@ -86,7 +88,9 @@ def run_extract(cfg: Config, *, replace_stale: bool = False, repair: bool = Fals
     written again."""
     _check_ready(cfg)
     with writer_lease(cfg.extract.store, "dsmd extract") as lease:
-        return _extract_one(cfg, replace_stale=replace_stale, repair=repair, lease=lease)
+        summary = _extract_one(cfg, replace_stale=replace_stale, repair=repair, lease=lease)
+    record_store(cfg)
+    return summary
 
 
 def _extract_one(cfg: Config, *, replace_stale: bool, repair: bool, lease: S3WriterLease | None) -> ExtractSummary:
@@ -124,7 +128,9 @@ def run_extract_all(cfg: Config, *, replace_stale: bool = False, repair: bool = 
         )
     _check_ready(cfg)
     with writer_lease(cfg.extract.store, "dsmd extract") as lease:  # one lease for all teachers
-        return _extract_all(cfg, teachers, replace_stale=replace_stale, repair=repair, lease=lease)
+        summaries = _extract_all(cfg, teachers, replace_stale=replace_stale, repair=repair, lease=lease)
+    record_store(cfg)
+    return summaries
 
 
 def _extract_all(cfg: Config, teachers: list, *, replace_stale: bool, repair: bool,

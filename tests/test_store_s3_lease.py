@@ -8,8 +8,12 @@ from __future__ import annotations
 import json
 import os
 import pickle
+import signal
 import socket
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -204,3 +208,56 @@ def test_a_dask_workers_fence_stops_it_once_the_holder_lost_or_stopped_renewing(
                 store.write_shard("t", "image", 2, rows(2))
             assert store.pending_shards("t", "image") == [2, 3]
     fs.rm_file(key)
+
+
+PAUSED_HOLDER = """
+import sys, time
+sys.path[:0] = sys.argv[2:]
+from test_store_s3_lease import new_store, rows
+from store.errors import StoreBusyError
+from store.s3_lease import s3_writer_lease
+
+url = sys.argv[1]
+with s3_writer_lease(url, "dsmd extract", renew=0.2, stale=1.0) as lease, new_store(url, lease) as store:
+    store.write_shard("t", "image", 0, rows(0))
+    print("ready", flush=True)
+    time.sleep(0.5)  # stopped in here: between shards, as the pause between check and mark PUT is not caught
+    try:
+        for shard in (1, 2, 3):
+            store.write_shard("t", "image", shard, rows(shard))
+    except StoreBusyError as exc:
+        print(exc, flush=True)
+        sys.exit(3)
+"""
+
+
+def test_a_holder_stopped_with_sigstop_past_the_stale_time_stops_when_it_wakes(s3):
+    """A real pause: the holder (a subprocess) is SIGSTOPped, a second writer takes the store over, SIGCONT: the
+    holder writes no further mark and exits with the one line naming the new holder."""
+    from store.s3_lease import s3_writer_lease
+
+    url = f"s3://{BUCKET}/stopped/features.zarr"
+    fs = objects()
+    tests = Path(__file__).resolve().parent
+    holder = subprocess.Popen([sys.executable, "-c", PAUSED_HOLDER, url, str(tests.parent), str(tests)],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "ready"
+        os.kill(holder.pid, signal.SIGSTOP)
+        time.sleep(1.5)  # past the stale time; requests it had in flight have landed
+        marked = fs.glob(f"{BUCKET}/stopped/features.zarr/t/image/marks/*.json")
+        assert [name.rsplit("/", 1)[-1] for name in marked] == ["shard-000000.json"]
+        with s3_writer_lease(url, "dsmd store convert", stale=1.0):
+            os.kill(holder.pid, signal.SIGCONT)
+            output = holder.communicate(timeout=60)[0]
+            assert holder.returncode == 3, output
+            assert fs.glob(f"{BUCKET}/stopped/features.zarr/t/image/marks/*.json") == marked
+            assert json.loads(fs.cat_file(lease_key(url)))["command"] == "dsmd store convert"
+    finally:
+        if holder.poll() is None:
+            os.kill(holder.pid, signal.SIGCONT)
+            holder.kill()
+            holder.wait()
+    line = next((text for text in output.splitlines() if text.startswith("s3://")), output)  # aiohttp may add noise
+    assert line.startswith(f"{url}: `dsmd extract` lost its writer lease to another `dsmd store convert` (pid "
+                           f"{os.getpid()} on host "), output

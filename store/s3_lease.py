@@ -98,14 +98,15 @@ class S3WriterLease:
                     break
                 except FileExistsError:
                     pass
-                etag = _etag(self.fs, self.key)
+                etag = _etag(self.fs, self.key)  # before the read: the body judged is at least that new
                 current = _read(self.fs, self.key)
-                if etag is None or current is None:
+                if current is None:
                     continue  # released between our create and our read
                 if not _abandoned(current, self.stale):
                     raise StoreBusyError(_busy_message(self.url, self.command, current)) from None
                 try:
-                    self._put(IfMatch=etag)  # the takeover: only over the very lease judged stale
+                    # The takeover: only over the very lease judged stale (a server giving no ETag: over any).
+                    self._put(**({"IfMatch": etag} if etag else {}))
                     break
                 except FileNotFoundError:
                     continue

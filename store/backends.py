@@ -19,6 +19,7 @@ from store.hdf5_backend import Hdf5Backend
 from store.remote import ShardCache, StoreUrl, store_location
 
 if TYPE_CHECKING:
+    from store.s3_lease import S3WriterLease
     from store.zarr_backend import ZarrBackend
 
 BACKENDS = ("zarr", "hdf5")
@@ -80,20 +81,23 @@ def open_backend(path: Path | StoreUrl, backend: str, *, writable: bool, cache: 
 
 
 @contextlib.contextmanager
-def writer_lease(path: Path, command: str) -> Iterator[None]:
+def writer_lease(path: Path, command: str) -> Iterator[S3WriterLease | None]:
     """Hold the store at `path` (existing or about to be made) for one writing `command`, e.g. "dsmd extract":
     a second command gets StoreBusyError naming the first. Processes the holder starts (Dask workers) write
     without it. HDF5 needs no lease: its one writer locks the file. An S3 store's lease is an object created
-    only if absent and renewed by its holder (store/s3_lease.py)."""
+    only if absent and renewed by its holder (store/s3_lease.py); it can be lost (a holder paused past its
+    stale time), so it is yielded: pass it to FeatureStore.create_or_open(lease=) and its `fence` to the
+    processes the holder starts, and they stop before marking shards once it is lost. A local lease (a flock)
+    is held until its process ends, so None is yielded for local stores."""
     path = store_location(path)
     if isinstance(path, StoreUrl):
         from store.s3_lease import s3_writer_lease
 
-        with s3_writer_lease(path, command):
-            yield
+        with s3_writer_lease(path, command) as lease:
+            yield lease
         return
     if detect_backend(path) == "hdf5":
-        yield
+        yield None
         return
     from store.zarr_backend import LEASE_FILE, LOCK_FILES, refuse_foreign_folder
 
@@ -102,7 +106,7 @@ def writer_lease(path: Path, command: str) -> Iterator[None]:
     path.mkdir(parents=True, exist_ok=True)
     try:
         with WriterLease(path / LEASE_FILE, command, path):
-            yield
+            yield None
     finally:
         if not (path / "zarr.json").exists():
             # The command failed before making the store: leave no lock files (and no directory) behind.

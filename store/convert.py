@@ -41,7 +41,7 @@ def convert_store(
         raise StoreError(f"convert: source and destination are the same path ({src})")
     dst_backend = detect_backend(dst, backend)
     written = left = 0
-    with writer_lease(dst, "dsmd store convert"), open_store(src) as reader:
+    with writer_lease(dst, "dsmd store convert") as lease, open_store(src) as reader:
         layout = reader.layout
         with FeatureStore.create_or_open(
             dst,
@@ -52,6 +52,7 @@ def convert_store(
             rows_per_shard=rows_per_shard or layout.rows_per_shard,
             rows_per_chunk=rows_per_chunk or layout.rows_per_chunk,
             dataset_name=reader.dataset_name,
+            lease=lease,
         ) as writer:
             for teacher, kind in reader.arrays():
                 attrs = reader.attrs(teacher, kind)

@@ -2,13 +2,16 @@
 
 Several processes may fill one zarr store at once as long as each writes whole shards it alone owns (the
 extract stage hands them out); creation is race-safe. A killed writer leaves at most unmarked shards, which
-`pending_shards` reports and the next run redoes.
+`pending_shards` reports and the next run redoes. A writer given a lease (an S3 store's writer lease, or the
+fence of it that a Dask worker gets: store/s3_lease.py) checks it before each shard and again just before the
+shard's completion mark, and stops with StoreBusyError, touching nothing more, once the lease is lost.
 """
 
 from __future__ import annotations
 
 import contextlib
 from pathlib import Path
+from typing import Protocol
 
 import numpy as np
 
@@ -21,7 +24,7 @@ from store.common import (
     now_iso,
     recorded_dataset_name,
 )
-from store.errors import StoreDiskFullError, StoreError, StoreMismatchError, disk_full_message
+from store.errors import StoreBusyError, StoreDiskFullError, StoreError, StoreMismatchError, disk_full_message
 from store.fsutil import disk_full_as_store_error, is_disk_full
 from store.integrity import block_checksums, rows_sha256
 from store.layout import (
@@ -42,13 +45,19 @@ from store.remote import store_location
 _LIST_AT_MOST = 10
 
 
+class Lease(Protocol):
+    def check(self) -> None:
+        """Raise StoreBusyError when this writer no longer holds the store."""
+
+
 class FeatureStore:
     """A store opened for writing. Use `FeatureStore.create_or_open`; close it (or use `with`)."""
 
-    def __init__(self, path: Path, backend: Backend, root: dict) -> None:
+    def __init__(self, path: Path, backend: Backend, root: dict, lease: Lease | None = None) -> None:
         self.path = path
         self._backend = backend
         self.root = root
+        self.lease = lease
         self.layout = layout_from_root(root, path)
         self._arrays: dict[tuple[str, str], dict] = {}
 
@@ -65,11 +74,14 @@ class FeatureStore:
         rows_per_shard: int = 4096,
         rows_per_chunk: int = 256,
         dataset_name: str = "",
+        lease: Lease | None = None,
     ) -> FeatureStore:
         """Create the store, or open it when it exists with the same parameters (StoreError otherwise).
 
         Safe to call from several processes at once with the same arguments: one creates, the others open.
         `backend` is "zarr", "hdf5" or "auto" (an existing store's kind, else .h5/.hdf5 -> hdf5, else zarr).
+        `lease`: what `writer_lease` yielded (or its `fence`, in a process the holder started), checked before
+        each shard and each completion mark.
         """
         path = store_location(path)
         layout = Layout(n_images, n_captions, rows_per_shard, rows_per_chunk)
@@ -97,7 +109,7 @@ class FeatureStore:
         except BaseException:
             store_backend.close()
             raise
-        return cls(path, store_backend, root)
+        return cls(path, store_backend, root, lease)
 
     def close(self) -> None:
         self._backend.close()
@@ -246,6 +258,7 @@ class FeatureStore:
         where = f"{self.path}: {teacher}/{kind} shard {shard} (rows {start}..{stop - 1})"
         stored, valid_mask, reasons = prepare_rows(values, valid, skipped, start, stop, attrs, where)
         with self._backend.shard_lock(teacher, kind, shard):
+            self._check_lease()
             if not overwrite and self._backend.read_mark(teacher, kind, shard) is not None:
                 raise StoreError(
                     f"{where} is already complete (another writer may have finished it meanwhile): it is kept; "
@@ -272,7 +285,10 @@ class FeatureStore:
                     block_crc32c=block_checksums(stored, self.layout.rows_per_chunk),
                     seconds=None if seconds is None else round(float(seconds), 3),
                 )
+                self._check_lease()
                 self._backend.write_mark(mark)
+            except StoreBusyError:
+                raise  # the store is another writer's now: clearing the shard could delete that writer's mark
             except BaseException as exc:
                 # No half-written shard stays behind: without data or mark the shard is pending, and the next run
                 # writes it again.
@@ -292,7 +308,12 @@ class FeatureStore:
         for shard in shards:
             self.layout.shard_rows(kind, shard)
             with self._backend.shard_lock(teacher, kind, shard):
+                self._check_lease()
                 self._backend.clear_shard(teacher, kind, shard)
+
+    def _check_lease(self) -> None:
+        if self.lease is not None:
+            self.lease.check()
 
 
 def row_norm_problems(rows: np.ndarray, valid: np.ndarray, first_row: int, tolerance: float) -> list[str]:

@@ -244,3 +244,39 @@ def test_ablation_and_mcad_experiments_land_in_the_report(project):
     assert "single seed each" in gain
     metrics = yaml.safe_load((path / "runs/evaluate/metrics.json").read_text())
     assert metrics["teachers"]["beit3_small"]["rsum"] > 0  # the second teacher, scored next to the first
+
+
+def test_repro_tracks_a_store_on_s3_through_its_manifest(tmp_path):
+    """`dvc repro extract` with extract.store in a bucket (a local moto server): DVC 3 cannot cache the store, so
+    it tracks the local manifest dsmd extract writes of it (extract.tracked); a second repro does nothing. Without
+    a .json extract.tracked the stage stops with dsmd's one line, not a DVC traceback. The beit3-tiny world of the
+    extract tests keeps it to seconds: the stages upstream are not run (-s)."""
+    pytest.importorskip("dvc_s3")
+    pytest.importorskip("moto.server")
+    from extract_helpers import FIXTURE, base_params, build_world
+    from s3_helpers import make_bucket, moto_server
+
+    if not FIXTURE.is_dir():
+        pytest.skip("beit3-tiny fixture not found")
+    world = build_world(tmp_path / "world")
+    path = make_project(tmp_path / "project")
+    url = "s3://dvc-store/run/features.zarr"
+    params = base_params(world)
+    with moto_server(str(tmp_path / "xdg-cache")):
+        make_bucket("dvc-store")
+        set_params(path, {**params, "extract": {**params["extract"], "store": url}})
+        refused = dvc(path, "repro", "-s", "extract", check=False)
+        text = " ".join((refused.stdout + refused.stderr).split())
+        assert refused.returncode != 0 and "Traceback" not in text
+        assert f"extract.store {url} is in a bucket, which DVC cannot track, but extract.tracked is " in text, text
+
+        set_params(path, {"extract": {"tracked": "data/features.s3.json"}})
+        first = dvc(path, "repro", "-s", "extract")
+        assert ran_stages(first) == {"extract"}
+        manifest = yaml.safe_load((path / "data/features.s3.json").read_text())
+        assert manifest["store"] == url
+        assert {name: array["shards_done"] for name, array in manifest["arrays"].items()} == {
+            "beit3-tiny/image": 5, "beit3-tiny/text": 14}
+        lock = yaml.safe_load((path / "dvc.lock").read_text())["stages"]["extract"]
+        assert [out["path"] for out in lock["outs"]] == ["data/features.s3.json"]
+        assert ran_stages(dvc(path, "repro", "-s", "extract")) == set()

@@ -154,11 +154,11 @@ def test_extract_in_process_holds_the_store(world, tmp_path, monkeypatch):
     seen = []
     real_run_local = run_module._run_local
 
-    def run_local_and_try_another(cfg):
+    def run_local_and_try_another(cfg, lease):
         with pytest.raises(StoreBusyError, match="another `dsmd extract` is running on"):
             run_module.run_extract(cfg)
         seen.append(True)
-        return real_run_local(cfg)
+        return real_run_local(cfg, lease)
 
     monkeypatch.setattr(run_module, "_run_local", run_local_and_try_another)
     run_module.run_extract(cfg)

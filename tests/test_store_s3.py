@@ -43,6 +43,8 @@ def world(tmp_path_factory):
 def params_for(world, run_dir: Path, store: str, **sections) -> Path:
     params = base_params(world)
     params["extract"] = {**params["extract"], "store": store}
+    if store.startswith("s3://"):  # where extract records the store for DVC (stages/extract/tracked.py)
+        params["extract"]["tracked"] = str(run_dir / "features.s3.json")
     for name, values in sections.items():
         params[name] = {**params.get(name, {}), **values}
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -118,6 +120,8 @@ def s3_store(s3, world, tmp_path_factory) -> tuple[str, Path]:
     )
     done = subprocess.run([*DSMD, "--params", str(params), "extract"], cwd=run_dir, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr[-3000:]
+    recorded = json.loads((run_dir / "features.s3.json").read_text())  # extract.tracked, for DVC
+    assert recorded["store"] == url and recorded["arrays"][f"{TEACHER}/image"]["shards_done"] == 5
     return url, params
 
 

@@ -168,7 +168,7 @@ def test_mcad_end_to_end_with_the_store_on_s3(s3, world, tmp_path):
 
     url = f"s3://{BUCKET}/mcad/features.zarr"
     params = base_params(world)
-    params["extract"] = {**params["extract"], "store": url}
+    params["extract"] = {**params["extract"], "store": url, "tracked": str(tmp_path / "features.s3.json")}
     params.update(
         student={"vision_model": "test_vit", "img_size": 32, "patch_size": 8, "text_hidden": 32, "text_layers": 1,
                  "text_heads": 2, "max_text_len": 24},

@@ -132,6 +132,11 @@ class DemoTeacherConfig:
 @dataclass
 class ExtractConfig:
     store: str = "data/features.zarr"
+    # The local path DVC tracks for the store (dvc.yaml's extract output and distill's and evaluate's dependency).
+    # A local store: the store itself, so keep it equal to store. A store on S3, which DVC cannot cache: a local
+    # .json file where `dsmd extract` records the store's URL, provenance and every shard's mark digest
+    # (store/manifest.py), e.g. data/features.s3.json; see docs/s3_dvc.md.
+    tracked: str = "data/features.zarr"
     backend: Literal["zarr", "hdf5"] = "zarr"
     dtype: Literal["float16", "float32"] = "float16"
     device: str = "auto"

@@ -83,11 +83,12 @@ STAGES: dict[str, StageSettings] = {
     ),
     "distill": StageSettings(
         params=("student", "distill"),
-        reads=("data.canonical_dir", "extract.store", "extract.cache_dir", "extract.cache_gb"),
+        reads=("data.canonical_dir", "extract.store", "extract.tracked", "extract.cache_dir", "extract.cache_gb"),
     ),
     "evaluate": StageSettings(
         params=("evaluate", "distill.teacher"),
-        reads=("data.canonical_dir", "extract.store", "extract.cache_dir", "extract.cache_gb", "distill.out_dir"),
+        reads=("data.canonical_dir", "extract.store", "extract.tracked", "extract.cache_dir", "extract.cache_gb",
+               "distill.out_dir"),
     ),
 }
 

@@ -34,8 +34,11 @@ from pipeline.models.teachers import Teacher, load_teacher, resolve_device, reso
 from stages.extract.align import ensure_alignment
 from stages.extract.batches import image_batches
 from stages.extract.plan import UNSELECTED, open_store
+from stages.extract.tracked import check_tracked, record_store
 from stages.extract.worker import dsmd_version
 from store import FeatureStore
+from store.backends import writer_lease
+from store.writer import Lease
 
 __all__ = ["PairSummary", "extract_pairs", "pair_provenance", "PairFiller"]
 
@@ -83,6 +86,7 @@ def _check_config(cfg: Config) -> None:
         )
     if not (Path(cfg.data.canonical_dir) / "dataset.json").exists():
         raise DsmdError(f"no canonical dataset in {cfg.data.canonical_dir}: run `dsmd data prepare` first")
+    check_tracked(cfg)
 
 
 class PairFiller:
@@ -200,10 +204,17 @@ def _selected_rows(filler: PairFiller, shards: list[int]) -> int:
 def extract_pairs(cfg: Config, *, teacher: Teacher | None = None, align: bool = True) -> PairSummary:
     """Fill `<teacher.name>/pair` (resuming), then fit the missing or stale alignment maps (align=True)."""
     _check_config(cfg)
+    with writer_lease(cfg.extract.store, "dsmd extract-pairs") as lease:
+        summary = _extract_pairs(cfg, teacher, align, lease)
+    record_store(cfg)
+    return summary
+
+
+def _extract_pairs(cfg: Config, teacher: Teacher | None, align: bool, lease: Lease | None) -> PairSummary:
     started = time.perf_counter()
     ds = CanonicalDataset.load(cfg.data.canonical_dir)
     name = cfg.teacher.name
-    with open_store(cfg, ds) as store:
+    with open_store(cfg, ds, lease) as store:
         summary = PairSummary(name, str(cfg.extract.store))
         # The teacher is loaded even when every shard is done: ensure_array then checks that the stored rows
         # came from this very teacher (provenance), so a changed checkpoint is refused, not silently mixed.

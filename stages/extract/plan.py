@@ -17,6 +17,7 @@ from pipeline.data.canonical import CanonicalDataset
 from pipeline.data.rows import SPLITS
 from pipeline.errors import DsmdError
 from store import FeatureStore
+from store.writer import Lease
 
 KINDS = ("image", "text")
 # extract.views > 0: one task kind writes a shard of the view rows and of their boxes (the boxes first, the
@@ -40,8 +41,9 @@ class ShardTask:
         return self.kind, self.shard
 
 
-def open_store(cfg: Config, ds: CanonicalDataset) -> FeatureStore:
-    """The run's store: created on first use, else checked to be for this dataset and shard layout."""
+def open_store(cfg: Config, ds: CanonicalDataset, lease: Lease | None = None) -> FeatureStore:
+    """The run's store: created on first use, else checked to be for this dataset and shard layout. `lease`: the
+    run's writer lease (or, on a Dask worker, its fence), checked before every shard and mark."""
     ex = cfg.extract
     return FeatureStore.create_or_open(
         ex.store,
@@ -52,6 +54,7 @@ def open_store(cfg: Config, ds: CanonicalDataset) -> FeatureStore:
         dataset_name=ds.name,
         rows_per_shard=ex.rows_per_shard,
         rows_per_chunk=ex.rows_per_chunk,
+        lease=lease,
     )
 
 

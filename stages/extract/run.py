@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from rich.markup import escape
 
@@ -27,9 +28,13 @@ from stages.extract.plan import (
     selected_count,
     selected_rows,
 )
+from stages.extract.tracked import check_tracked, record_store
 from store import FeatureStore
 from store.backends import delete_store, store_exists, writer_lease
 from store.errors import StoreError, StoreMismatchError
+
+if TYPE_CHECKING:
+    from store.s3_lease import S3WriterLease
 
 _LISTED = 20  # skipped images named in the summary; the rest are in `dsmd store info`
 
@@ -64,6 +69,7 @@ def _check_ready(cfg: Config) -> None:
             f"no canonical dataset in {cfg.data.canonical_dir}: run `dsmd data prepare` (and `dsmd data check`) first"
         )
     check_splits(cfg.extract.splits)
+    check_tracked(cfg)
     ex = cfg.extract
     if ex.dask_workers < 0:
         raise DsmdError(f"extract.dask_workers must be 0 (in-process) or more, got {ex.dask_workers}")
@@ -81,24 +87,28 @@ def run_extract(cfg: Config, *, replace_stale: bool = False, repair: bool = Fals
     drop the shards of this teacher that `dsmd store verify` flags as damaged, so that exactly those are
     written again."""
     _check_ready(cfg)
-    with writer_lease(cfg.extract.store, "dsmd extract"):
-        return _extract_one(cfg, replace_stale=replace_stale, repair=repair)
+    with writer_lease(cfg.extract.store, "dsmd extract") as lease:
+        summary = _extract_one(cfg, replace_stale=replace_stale, repair=repair, lease=lease)
+    record_store(cfg)
+    return summary
 
 
-def _extract_one(cfg: Config, *, replace_stale: bool, repair: bool) -> ExtractSummary:
+def _extract_one(cfg: Config, *, replace_stale: bool, repair: bool, lease: S3WriterLease | None) -> ExtractSummary:
     started = time.perf_counter()
     run = _run_dask if cfg.extract.dask_workers > 0 or cfg.extract.dask_scheduler else _run_local
     try:
-        repaired = _repair(cfg) if repair else []
-        summary = run(cfg)
+        repaired = _repair(cfg, lease) if repair else []
+        summary = run(cfg, lease)
     except StoreMismatchError as exc:
         if not replace_stale:
             raise
         console.print(f"[yellow]{escape(str(exc))}[/yellow]")
         console.print(f"--replace-stale: deleting {cfg.extract.store} and starting over", highlight=False)
+        if lease is not None:
+            lease.check()
         delete_store(cfg.extract.store)  # refuses, by name, anything that is not a dsmd store
         repaired = []
-        summary = run(cfg)
+        summary = run(cfg, lease)
         summary.replaced_store = True
     summary.notes = repaired + summary.notes
     summary.seconds = time.perf_counter() - started
@@ -117,23 +127,27 @@ def run_extract_all(cfg: Config, *, replace_stale: bool = False, repair: bool = 
             "needs its own name in the store"
         )
     _check_ready(cfg)
-    with writer_lease(cfg.extract.store, "dsmd extract"):  # one lease for all teachers
-        return _extract_all(cfg, teachers, replace_stale=replace_stale, repair=repair)
+    with writer_lease(cfg.extract.store, "dsmd extract") as lease:  # one lease for all teachers
+        summaries = _extract_all(cfg, teachers, replace_stale=replace_stale, repair=repair, lease=lease)
+    record_store(cfg)
+    return summaries
 
 
-def _extract_all(cfg: Config, teachers: list, *, replace_stale: bool, repair: bool) -> list[ExtractSummary]:
+def _extract_all(cfg: Config, teachers: list, *, replace_stale: bool, repair: bool,
+                 lease: S3WriterLease | None) -> list[ExtractSummary]:
     summaries: list[ExtractSummary] = []
     for teacher in teachers:
-        summary = _extract_one(replace_settings(cfg, teacher=teacher), replace_stale=replace_stale, repair=repair)
+        summary = _extract_one(replace_settings(cfg, teacher=teacher), replace_stale=replace_stale, repair=repair,
+                               lease=lease)
         if summary.replaced_store and summaries:
             # The rebuilt store lost the teachers extracted before this one: fill them again.
             console.print("the store was rebuilt: extracting the earlier teachers again", highlight=False)
-            return _extract_all(cfg, teachers, replace_stale=False, repair=False)
+            return _extract_all(cfg, teachers, replace_stale=False, repair=False, lease=lease)
         summaries.append(summary)
     return summaries
 
 
-def _repair(cfg: Config) -> list[str]:
+def _repair(cfg: Config, lease: S3WriterLease | None) -> list[str]:
     """Drop every shard of this teacher that `dsmd store verify` flags (marked complete, but damaged or unusable):
     the run then writes exactly those again. Returns notes for the summary."""
     from store.verify import verify_store
@@ -153,7 +167,7 @@ def _repair(cfg: Config) -> list[str]:
     if not damaged:
         return [f"--repair: verify found no damaged shards of {name}"]
     ds = CanonicalDataset.load(cfg.data.canonical_dir)
-    with open_store(cfg, ds) as store:
+    with open_store(cfg, ds, lease) as store:
         for teacher, kind in sorted({(d.teacher, d.kind) for d in damaged}):
             store.drop_shards(teacher, kind, [d.shard for d in damaged if (d.teacher, d.kind) == (teacher, kind)])
     shown = ", ".join(f"{d.teacher}/{d.kind} shard {d.shard} ({d.file})" for d in damaged[:_LISTED])
@@ -226,7 +240,7 @@ def _print_summary(summary: ExtractSummary) -> None:
         console.print(f"  note: {note}", highlight=False)
 
 
-def _run_local(cfg: Config) -> ExtractSummary:
+def _run_local(cfg: Config, lease: S3WriterLease | None) -> ExtractSummary:
     import torch
 
     from stages.extract.worker import ExtractWorker, cpu_threads
@@ -234,7 +248,7 @@ def _run_local(cfg: Config) -> ExtractSummary:
     previous = torch.get_num_threads()
     torch.set_num_threads(cpu_threads(cfg.extract.cpu_threads, cfg.extract.loader_workers))
     try:
-        with ExtractWorker(cfg) as worker:
+        with ExtractWorker(cfg, lease=lease) as worker:
             worker.prepare()
             tasks = worker.plan()
             summary = _start_summary(cfg, worker.store, tasks, workers=1)
@@ -289,7 +303,7 @@ def _placement(client) -> list[tuple[str, int, int]]:
     return placement
 
 
-def _run_dask(cfg: Config) -> ExtractSummary:
+def _run_dask(cfg: Config, lease: S3WriterLease | None) -> ExtractSummary:
     import dask
     import dask.distributed  # noqa: F401 - loads its config defaults, which config.set below must not shadow
 
@@ -303,19 +317,21 @@ def _run_dask(cfg: Config) -> ExtractSummary:
         client, cluster = _connect(cfg)
         try:
             placement = _placement(client)
-            with open_store(cfg, ds) as store:
+            with open_store(cfg, ds, lease) as store:
                 tasks = plan_shards(store, name, selected)
                 summary = _start_summary(cfg, store, tasks, workers=len(placement))
                 # Round robin: every worker gets every n-th shard, so image and text work is spread evenly. Each
-                # task creates or checks the arrays itself, so the teacher loads once per worker.
+                # task creates or checks the arrays itself, so the teacher loads once per worker. The workers write
+                # without the lease: they get its fence and check it before every shard and mark themselves.
+                fence = lease.fence if lease is not None else None
                 futures = [
-                    client.submit(fill_on_worker, cfg, owned, rank, on_host,
+                    client.submit(fill_on_worker, cfg, owned, rank, on_host, fence,
                                   workers=[address], allow_other_workers=True, pure=False)
                     for index, (address, rank, on_host) in enumerate(placement)
                     # With nothing to do, one worker still checks that the arrays match this teacher setup.
                     if (owned := tasks[index :: len(placement)]) or (index == 0 and not tasks)
                 ]
-                _follow(futures, store, name, selected, tasks, len(placement))
+                _follow(futures, store, name, selected, tasks, len(placement), lease)
                 errors = [f.exception() for f in futures if f.status == "error"]
                 if errors and isinstance(errors[0], StoreError):
                     # e.g. the arrays were made with another teacher setup (--replace-stale may act), or a full disk
@@ -329,8 +345,10 @@ def _run_dask(cfg: Config) -> ExtractSummary:
                 cluster.close()
 
 
-def _follow(futures, store: FeatureStore, name: str, selected, tasks: list[ShardTask], n_workers: int) -> None:
-    """Progress from the store's marks until every future is done."""
+def _follow(futures, store: FeatureStore, name: str, selected, tasks: list[ShardTask], n_workers: int,
+            lease: S3WriterLease | None) -> None:
+    """Progress from the store's marks until every future is done; a lost lease ends the run at once (closing the
+    client releases the futures; workers still running stop at their next fence check)."""
     keys = {task.key for task in tasks}
 
     def update(bar) -> None:
@@ -343,6 +361,8 @@ def _follow(futures, store: FeatureStore, name: str, selected, tasks: list[Shard
     with make_progress() as progress:
         bar = progress.add_task(f"extract {name} on {n_workers} Dask workers", total=len(tasks), rate="shards")
         while not all(f.done() for f in futures):
+            if lease is not None:
+                lease.check()
             update(bar)
             time.sleep(1.0)
         update(bar)

@@ -38,6 +38,7 @@ from stages.extract.plan import (
     selected_rows,
 )
 from store import FeatureStore
+from store.writer import Lease
 
 __all__ = [
     "KINDS",
@@ -148,7 +149,8 @@ def _to_numpy(embeddings: torch.Tensor) -> np.ndarray:
 class ExtractWorker:
     """Holds the teacher, the dataset and the store for a run of shards. Close it (or use `with`)."""
 
-    def __init__(self, cfg: Config, device: str | None = None, teacher: Teacher | None = None):
+    def __init__(self, cfg: Config, device: str | None = None, teacher: Teacher | None = None,
+                 lease: Lease | None = None):
         self.cfg = cfg
         self.device = checked_device(device or cfg.extract.device)
         self.ds = CanonicalDataset.load(cfg.data.canonical_dir)
@@ -156,7 +158,7 @@ class ExtractWorker:
         self.known_bad = load_bad_images(cfg.data.canonical_dir)
         self.teacher = teacher or load_teacher(cfg.teacher, device=self.device, precision=cfg.extract.precision)
         self.precision = self.teacher.precision
-        self.store = open_store(cfg, self.ds)
+        self.store = open_store(cfg, self.ds, lease)
 
     def close(self) -> None:
         self.store.close()
@@ -309,10 +311,13 @@ class ExtractWorker:
         self._write(task, values, skipped, result)
 
 
-def fill_on_worker(cfg: Config, tasks: list[ShardTask], local_index: int = 0, processes_on_host: int = 1) -> FillResult:
+def fill_on_worker(cfg: Config, tasks: list[ShardTask], local_index: int = 0, processes_on_host: int = 1,
+                   lease: Lease | None = None) -> FillResult:
     """Entry point of a Dask task: load everything on the worker, fill the shards it owns.
 
-    local_index: this worker's rank among the processes_on_host workers on its host (picks its GPU)."""
+    local_index: this worker's rank among the processes_on_host workers on its host (picks its GPU). lease: the
+    fence of the driver's S3 writer lease (store/s3_lease.py): the worker checks it before every shard and
+    mark, and stops once the driver has lost the store to another writer or stopped renewing its lease."""
     notes = []
     if cfg.extract.loader_workers > 0 and multiprocessing.current_process().daemon:
         # A daemonic process may not start children, so no DataLoader workers here.
@@ -323,7 +328,7 @@ def fill_on_worker(cfg: Config, tasks: list[ShardTask], local_index: int = 0, pr
         )
     # The worker process is ours for the task: split the host's cores between the workers on it.
     torch.set_num_threads(cpu_threads(cfg.extract.cpu_threads, cfg.extract.loader_workers, processes_on_host))
-    with ExtractWorker(cfg, device=worker_device(cfg.extract.device, local_index)) as worker:
+    with ExtractWorker(cfg, device=worker_device(cfg.extract.device, local_index), lease=lease) as worker:
         worker.prepare()  # creates the arrays, or checks that this worker makes the same features
         result = worker.fill(tasks)
     result.notes += notes

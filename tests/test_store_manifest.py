@@ -88,3 +88,18 @@ def test_a_store_on_s3_needs_a_local_json_tracked_file(tmp_path):
             check_tracked(replace_settings(on_s3, extract=dataclasses.replace(on_s3.extract, tracked=wrong)))
     check_tracked(replace_settings(on_s3, extract=dataclasses.replace(on_s3.extract,
                                                                       tracked=str(tmp_path / "features.s3.json"))))
+
+
+def test_a_local_store_tracked_under_another_path_is_warned_about():
+    from pipeline.config import Config, replace_settings
+    from pipeline.console import console
+    from stages.extract.tracked import check_tracked
+
+    cfg = Config()
+    moved = replace_settings(cfg, extract=dataclasses.replace(cfg.extract, store="data/other.zarr"))
+    with console.capture() as captured:
+        check_tracked(cfg)
+    assert captured.get() == ""
+    with console.capture() as captured:
+        check_tracked(moved)
+    assert "extract.tracked (data/features.zarr) is not extract.store (data/other.zarr)" in captured.get()

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from rich.markup import escape
+
 from pipeline.config import Config
 from pipeline.console import console
 from pipeline.errors import DsmdError
@@ -20,6 +22,11 @@ def check_tracked(cfg: Config) -> None:
     """A store on S3 needs a local .json extract.tracked: without it DVC would track a stale local path."""
     store, tracked = cfg.extract.store, cfg.extract.tracked
     if not is_remote(store):
+        if not is_remote(tracked) and Path(tracked) != Path(store):
+            # Not an error: run directly, extract ignores extract.tracked; under DVC the stage would then fail on
+            # a missing output, and this line says why.
+            console.print(f"[yellow]extract.tracked ({escape(tracked)}) is not extract.store ({escape(store)}): "
+                          "dvc.yaml tracks extract.tracked, so for a local store set both to the same path[/yellow]")
         return
     if is_remote(tracked) or not tracked.endswith(".json"):
         raise DsmdError(

@@ -106,3 +106,29 @@ def test_a_damaged_member_is_skipped_with_the_checks_reason(world, tmp_path):
     contents = read_store(tmp_path / "run" / "features.zarr", tmp_path / "canonical")
     assert contents.skipped["image"] == {3: "not an image file (unknown or corrupt format)"}
     assert contents.valid["image"].sum() == N_IMAGES - 1
+
+
+def test_tars_in_a_bucket_give_the_same_rows(world, from_tars, tmp_path):
+    """The same shards in an S3 bucket (moto): prepared from there and every member read by a ranged GET, in a
+    loader process; the store is the one the shards on disk gave."""
+    pytest.importorskip("s3fs")
+    pytest.importorskip("moto.server")
+    import s3fs
+    from s3_helpers import make_bucket, moto_server
+
+    from pipeline.data.canonical import prepare
+    from stages.extract.run import run_extract
+
+    with moto_server(str(tmp_path / "xdg-cache")):
+        make_bucket("team")
+        fs = s3fs.S3FileSystem(skip_instance_cache=True)
+        for path in sorted((world.root / "wds").iterdir()):
+            fs.put_file(str(path), f"team/wds/{path.name}")
+        params = _tar_params(world)
+        params["data"].update(source="s3://team/wds", images_root="s3://team", canonical_dir=str(tmp_path / "canon"))
+        cfg = load_config(write_params(world, tmp_path / "run", params, loader_workers=1))
+        prepare(cfg.data)
+        summary = run_extract(cfg)
+        assert summary.rows_encoded == 2 * N_IMAGES and summary.notes == []
+        remote = read_store(tmp_path / "run" / "features.zarr", tmp_path / "canon")
+    assert_same_contents(remote, from_tars)

@@ -22,7 +22,9 @@ Decisions:
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import tempfile
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -31,7 +33,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from pipeline.data import karpathy, tables, webdataset
+from pipeline.data import bucket, karpathy, tables, webdataset
 from pipeline.data.files import (
     BAD_IMAGES_FILE,
     CAPTIONS_FILE,
@@ -47,7 +49,7 @@ from pipeline.data.files import (
     staged_path,
 )
 from pipeline.data.fingerprint import SCHEMA_VERSION, fingerprint_tables
-from pipeline.data.refs import ImageRef, Locator
+from pipeline.data.refs import ImageRef, Locator, root_location
 from pipeline.data.rows import CAPTIONS_SCHEMA, IMAGES_SCHEMA, SPLITS, SourceBuilder
 from pipeline.data.scan import CanonicalScan
 from pipeline.data.shards import TarIndex, TarMember
@@ -130,7 +132,7 @@ class CanonicalDataset:
     ):
         self.images, self.captions = _check_tables(images, captions, name)
         self.name = name
-        self.images_root = Path(images_root).resolve()
+        self.images_root = root_location(images_root)
         # Extra facts from dataset.json (source, dropped rows); not part of the fingerprint.
         self.info = dict(info or {})
         self.directory = None if directory is None else Path(directory)
@@ -341,10 +343,15 @@ def _file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _shards_digest(source: Path) -> str:
-    """sha256 over the shards' and their tables' names, sizes and modification times: hashing the bytes of a
-    100k-image WebDataset each time `dsmd data check` asks whether it is up to date would take minutes."""
+def _shards_digest(source: Path | str) -> str:
+    """sha256 over the shards' and their tables' names, sizes and modification times (ETags in a bucket): hashing
+    the bytes of a 100k-image WebDataset each time `dsmd data check` asks whether it is up to date would take
+    minutes."""
     digest = hashlib.sha256()
+    if bucket.is_url(source):
+        for row in bucket.listing_digest_rows(str(source)):
+            digest.update(row.encode() + b"\n")
+        return digest.hexdigest()
     for shard in webdataset.list_shards(source):
         for path in (shard, shard.with_suffix(".parquet")):
             if path.exists():
@@ -354,7 +361,7 @@ def _shards_digest(source: Path) -> str:
 
 
 def _source_record(cfg: Any, fmt: str) -> dict:
-    source = Path(cfg.source).resolve()
+    source = bucket.root_url(cfg.source, "data.source") if bucket.is_url(cfg.source) else Path(cfg.source).resolve()
     settings: dict[str, Any] = {}
     if fmt == "webdataset":
         settings = {
@@ -376,7 +383,9 @@ def _source_record(cfg: Any, fmt: str) -> dict:
     return {"path": str(source), "format": fmt, "sha256": _file_sha256(source), "settings": settings}
 
 
-def _checked_inputs(cfg: Any) -> tuple[Path, Path, str]:
+def _checked_inputs(cfg: Any) -> tuple[Path | str, Path | str, str]:
+    if bucket.is_url(cfg.source) or bucket.is_url(cfg.images_root):
+        return _checked_bucket_inputs(cfg)
     source = Path(cfg.source)
     if not (source.is_file() or (source.is_dir() and cfg.format in ("auto", "webdataset"))):
         raise DsmdError(f"data.source {cfg.source!r}: no such file; set data.source (or run `dsmd demo data`)")
@@ -384,6 +393,23 @@ def _checked_inputs(cfg: Any) -> tuple[Path, Path, str]:
     if not root.is_dir():
         raise DsmdError(f"data.images_root {cfg.images_root!r}: no such directory; set data.images_root")
     return source, root, detect_format(source, cfg.format)
+
+
+def _checked_bucket_inputs(cfg: Any) -> tuple[str, str, str]:
+    """WebDataset shards in a bucket (pipeline/data/bucket.py): source and images root are both s3:// URLs."""
+    if not (bucket.is_url(cfg.source) and bucket.is_url(cfg.images_root)):
+        raise DsmdError(
+            f"data.source {cfg.source!r} and data.images_root {cfg.images_root!r}: shards in a bucket need both to be "
+            "s3:// URLs, the root a prefix of the source (e.g. s3://bucket/shards for both)"
+        )
+    if cfg.format not in ("auto", "webdataset"):
+        raise DsmdError(f"data.format {cfg.format!r}: only WebDataset shards are read from a bucket; set it to "
+                        "webdataset (or auto)")
+    source = bucket.root_url(cfg.source, "data.source")
+    root = bucket.root_url(cfg.images_root, "data.images_root")
+    if source != root:
+        bucket.relative_to_root(source, root, "data.source")
+    return source, root, "webdataset"
 
 
 def prepare(cfg: Any) -> Path:
@@ -398,8 +424,13 @@ def prepare(cfg: Any) -> Path:
     info = {"source": _source_record(cfg, fmt), "images_root_given": str(cfg.images_root)}
     if fmt == "webdataset":
         make_directory(directory)
-        shards = webdataset.iter_shards(source, root, cfg)
-        write_streamed(shards, directory, name=cfg.name, source=source, images_root=root.resolve(), info=info)
+        # Shards in a bucket are downloaded one at a time to be indexed: beside the canonical directory's files,
+        # where there is room for them (a temporary directory may be small).
+        scratch = tempfile.TemporaryDirectory(prefix=".download-", dir=directory) if bucket.is_url(source) else None
+        with scratch or contextlib.nullcontext():
+            shards = webdataset.iter_shards(source, root, cfg, scratch=Path(scratch.name) if scratch else None)
+            write_streamed(shards, directory, name=cfg.name, source=source, images_root=root_location(root),
+                           info=info)
         return directory
     _build_in_memory(cfg, source, root, fmt, info).save(directory)
     return directory
@@ -433,7 +464,7 @@ def is_up_to_date(cfg: Any) -> bool:
     recorded = card.get("source", {})
     return (
         card.get("name") == cfg.name
-        and card.get("images_root") == str(root.resolve())
+        and card.get("images_root") == str(root_location(root))
         and recorded == _source_record(cfg, fmt)
     )
 

@@ -61,7 +61,7 @@ def make_directory(directory: Path) -> Path:
     return directory
 
 
-def make_card(name: str, images_root: Path, fingerprint: str, counts: dict, info: dict) -> dict:
+def make_card(name: str, images_root: Path | str, fingerprint: str, counts: dict, info: dict) -> dict:
     """dataset.json: the fixed fields, then the extra facts (source, dropped rows) of ``info``."""
     fixed = ("schema_version", "name", "images_root", "fingerprint", "counts")
     return {"schema_version": SCHEMA_VERSION, "name": name, "images_root": str(images_root),

@@ -7,11 +7,19 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.data import bucket
 from pipeline.data.rows import RootGuard
-from pipeline.data.shards import TarMember, check_shard
+from pipeline.data.shards import ShardError, TarMember, check_shard
 from pipeline.errors import DsmdError
 
-__all__ = ["ImageRef", "Locator"]
+__all__ = ["ImageRef", "Locator", "root_location"]
+
+
+def root_location(images_root: str | Path) -> Path | str:
+    """The images root as kept in memory and in dataset.json: a resolved local path, or an s3:// URL."""
+    if bucket.is_url(images_root):
+        return bucket.root_url(str(images_root), "data.images_root")
+    return Path(images_root).resolve()
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,14 +37,21 @@ class ImageRef:
 class Locator:
     """Turns image rows into what `load_rgb` reads, keeping every path under the images root."""
 
-    def __init__(self, name: str, images_root: Path, shards: list[str] | None = None,
+    def __init__(self, name: str, images_root: Path | str, shards: list[str] | None = None,
                  shard_sizes: list[int] | None = None):
         self.name = name
-        # No directory cache: readers live long, and a symlink may change under them.
-        self._guard = RootGuard(images_root)
         self.in_tars = shards is not None
         self.shard_sizes = list(shard_sizes or [])
-        self.shard_paths: list[Path] = []
+        self.shard_paths: list[Path | str] = []
+        if bucket.is_url(images_root):
+            # Shards in a bucket: URLs under the root; there are no symlinks to follow out of it.
+            self._guard = None
+            for shard in shards or []:
+                bucket.relative_to_root(f"{images_root}/{shard}", str(images_root), name)
+                self.shard_paths.append(f"{images_root}/{shard}")
+            return
+        # No directory cache: readers live long, and a symlink may change under them.
+        self._guard = RootGuard(images_root)
         for shard in shards or []:
             try:
                 self.shard_paths.append(Path(self._guard.resolve(shard)))
@@ -47,6 +62,8 @@ class Locator:
         """The image file, resolved; checked again here in case a symlink changed after prepare."""
         if self.in_tars:
             raise DsmdError(f"{self.name}: image {image_id} lies inside a tar shard; read it through image_source")
+        if self._guard is None:
+            raise DsmdError(f"{self.name}: image files are read from local disk only; put them under a local root")
         try:
             return Path(self._guard.resolve(relpath))
         except ValueError as exc:
@@ -61,5 +78,13 @@ class Locator:
     def check_shards(self) -> None:
         """Refuse, in one line, a shard that is missing or changed since it was indexed. Done on opening a
         dataset, so that no stage meets it first inside a loader or Dask worker."""
+        remote = [path for path in self.shard_paths if isinstance(path, str)]
+        found = bucket.object_sizes(remote) if remote else {}
         for path, size in zip(self.shard_paths, self.shard_sizes, strict=True):
-            check_shard(path, size)
+            if isinstance(path, Path):
+                check_shard(path, size)
+            elif found[path] is None:
+                raise ShardError(f"{path}: shard missing; restore it or rerun `dsmd data prepare` without it")
+            elif found[path] != size:
+                raise ShardError(f"{path}: shard is {found[path]:,} bytes but was {size:,} when indexed (rewritten "
+                                 "since); rerun `dsmd data prepare`")

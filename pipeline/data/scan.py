@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from pipeline.data.files import CAPTIONS_FILE, IMAGES_FILE, TAR_INDEX_FILE, read_card
 from pipeline.data.fingerprint import fingerprint_files
-from pipeline.data.refs import ImageRef, Locator
+from pipeline.data.refs import ImageRef, Locator, root_location
 from pipeline.data.shards import TAR_INDEX_SCHEMA, TarMember, shards_from_metadata
 from pipeline.errors import DsmdError
 
@@ -30,7 +30,7 @@ class CanonicalScan:
         card = read_card(self.directory)
         self._card = card
         self.name = str(card.get("name", self.directory.name))
-        self.images_root = Path(images_root if images_root is not None else card["images_root"]).resolve()
+        self.images_root = root_location(images_root if images_root is not None else card["images_root"])
         self.info = {k: v for k, v in card.items() if k != "counts"}
         self.fingerprint, self.num_images, self.num_captions = fingerprint_files(
             self.directory / IMAGES_FILE, self.directory / CAPTIONS_FILE, str(self.directory))

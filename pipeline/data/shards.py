@@ -26,6 +26,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.data import bucket
 from pipeline.errors import DsmdError
 
 __all__ = [
@@ -72,9 +73,10 @@ class IndexedMember:
 
 @dataclass(frozen=True)
 class TarMember:
-    """One image inside a shard: where its bytes are and what the shard looked like when it was indexed."""
+    """One image inside a shard: where its bytes are and what the shard looked like when it was indexed. The
+    shard is a local file, or an s3:// URL (pipeline/data/bucket.py) read with one ranged GET."""
 
-    shard: Path
+    shard: Path | str
     name: str
     offset: int
     size: int
@@ -87,21 +89,36 @@ class TarMember:
         """The member's bytes; `ShardError` for a shard that is gone or changed, `BadMemberError` for a member
         that the shard does not (completely) hold."""
         if self.offset == ABSENT:
-            raise BadMemberError(f"missing from shard {self.shard.name} (listed as downloaded)")
+            raise BadMemberError(f"missing from shard {_base(self.shard)} (listed as downloaded)")
+        data = self._remote() if isinstance(self.shard, str) else self._local()
+        if len(data) < self.size:
+            raise BadMemberError(f"truncated shard: {len(data)} of {self.size} bytes in {_base(self.shard)}")
+        return data
+
+    def _remote(self) -> bytes:
+        # The shard's size was checked when the dataset was opened; a HEAD before every image would double the
+        # requests. A shard rewritten since then gives undecodable members, which are recorded as bad images.
+        try:
+            return bucket.read_range(self.shard, self.offset, self.size)
+        except bucket.BucketError as exc:
+            raise ShardError(str(exc)) from None
+
+    def _local(self) -> bytes:
         check_shard(self.shard, self.shard_size)
         try:
             fd = os.open(self.shard, os.O_RDONLY)
         except OSError as exc:
             raise ShardError(f"{self.shard}: cannot open the shard ({exc.strerror or exc})") from None
         try:
-            data = os.pread(fd, self.size, self.offset)
+            return os.pread(fd, self.size, self.offset)
         except OSError as exc:
             raise ShardError(f"{self.shard}: cannot read the shard ({exc.strerror or exc})") from None
         finally:
             os.close(fd)
-        if len(data) < self.size:
-            raise BadMemberError(f"truncated shard: {len(data)} of {self.size} bytes in {self.shard.name}")
-        return data
+
+
+def _base(shard: Path | str) -> str:
+    return shard.rsplit("/", 1)[-1] if isinstance(shard, str) else shard.name
 
 
 def check_shard(path: Path, size: int) -> None:

@@ -98,7 +98,7 @@ def _offset(table: pa.Table, columns: dict[str, int]) -> pa.Table:
     return table
 
 
-def write_streamed(shards, directory: Path, *, name: str, source: Path, images_root: Path, info: dict,
+def write_streamed(shards, directory: Path, *, name: str, source: Path | str, images_root: Path | str, info: dict,
                    row_group: int = _ROW_GROUP, spill_rows: int = BUFFER_ROWS) -> dict:
     """Write the canonical directory from ``shards`` (an iterator of `ShardRows`); returns the card written.
     ``row_group``: rows per Parquet row group; ``spill_rows``: key hashes held before they go to disk."""

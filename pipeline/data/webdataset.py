@@ -3,8 +3,9 @@
 sample of the shard's input, downloaded or not: key, caption, status, error_message, ...).
 
 ``data.source`` is a directory of shards (every ``*.tar`` directly in it, in name order) or one ``.tar``; the
-shards must lie under ``data.images_root``. Images stay inside the tars: each shard is indexed once here
-(`pipeline.data.shards`) and every stage reads an image by its offset.
+shards must lie under ``data.images_root``. Both may be s3:// URLs instead (pipeline/data/bucket.py). Images
+stay inside the tars: each shard is indexed once here (`pipeline.data.shards`) and every stage reads an image by
+its offset.
 
 Rules:
 - A sample is the members sharing a key: the member name up to the first dot of its base name, as the
@@ -38,6 +39,7 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from pipeline.data import bucket
 from pipeline.data.rows import DroppedRow, SourceBuilder
 from pipeline.data.shards import ABSENT, IndexedMember, ShardError, index_shard
 from pipeline.errors import DsmdError
@@ -235,16 +237,45 @@ def _rules(cfg: Any) -> _Rules:
     return rules
 
 
-def iter_shards(source: Path, images_root: Path, cfg: Any) -> Iterator[ShardRows]:
+def iter_shards(source: Path | str, images_root: Path | str, cfg: Any, scratch: Path | None = None
+                ) -> Iterator[ShardRows]:
     """Index the shards of ``source`` one after the other (``cfg`` is the `DataConfig`); each is handed out
     whole and then forgotten, so memory is one shard's whatever the dataset's size. Keys repeated across
-    shards are not seen here: the caller checks them (pipeline/data/streamed.py)."""
+    shards are not seen here: the caller checks them (pipeline/data/streamed.py).
+
+    ``source`` and ``images_root`` may be s3:// URLs (pipeline/data/bucket.py): each shard is then downloaded
+    into ``scratch`` (a local directory), indexed there and deleted."""
     rules = _rules(cfg)
-    for shard in list_shards(source):
-        builder = SourceBuilder(source=source, images_root=images_root)
+    if bucket.is_url(source):
+        yield from _bucket_shards(str(source), str(images_root), rules, scratch)
+        return
+    for shard in list_shards(Path(source)):
+        builder = SourceBuilder(source=Path(source), images_root=Path(images_root))
         rows = ShardRows(builder.normalize_path(str(shard.absolute()), f"shard {shard.name}"), shard.stat().st_size,
                          builder)
         _read_shard(shard, rules, rows)
+        yield rows
+
+
+def _bucket_shards(source: str, root: str, rules: _Rules, scratch: Path | None) -> Iterator[ShardRows]:
+    if scratch is None:
+        raise ValueError("shards in a bucket need a scratch directory to be indexed in")
+    for url, size in bucket.list_tar_objects(source):
+        relative = bucket.relative_to_root(url, root, "data.source")
+        local = scratch / posixpath.basename(url)
+        table = local.with_suffix(".parquet")
+        try:
+            bucket.download(url, local)
+            if local.stat().st_size != size:
+                raise ShardError(f"{url}: downloaded {local.stat().st_size:,} of {size:,} bytes (changed while read?)")
+            bucket.download(url[: -len(".tar")] + ".parquet", table, optional=True)
+            # Member paths are checked against the scratch copy: the same rules as for a local shard.
+            builder = SourceBuilder(source=source, images_root=scratch)  # type: ignore[arg-type]
+            rows = ShardRows(relative, size, builder)
+            _read_shard(local, rules, rows)
+        finally:
+            local.unlink(missing_ok=True)
+            table.unlink(missing_ok=True)
         yield rows
 
 

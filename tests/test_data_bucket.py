@@ -1,0 +1,118 @@
+"""WebDataset shards in a bucket (pipeline/data/bucket.py), against a real local S3 server (moto,
+tests/s3_helpers.py): prepared from the bucket they give the same canonical dataset as from disk, check reads
+their members by ranged GETs and records the bad one, and a changed, missing or unreachable shard is one line
+naming its URL."""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+
+import pytest
+from data_helpers import data_config, jpeg_bytes
+from wds_helpers import write_shard
+
+from pipeline.data.bucket import BucketError
+from pipeline.data.canonical import CanonicalDataset, is_up_to_date, prepare
+from pipeline.data.check import check_dataset
+from pipeline.data.scan import CanonicalScan
+from pipeline.data.shards import ShardError
+from pipeline.errors import DsmdError
+
+pytest.importorskip("s3fs")
+pytest.importorskip("moto.server")
+
+BUCKET = "s3://shards/wds"
+
+
+@pytest.fixture(scope="module")
+def s3(tmp_path_factory):
+    from s3_helpers import make_bucket, moto_server
+
+    with moto_server(str(tmp_path_factory.mktemp("xdg-cache"))) as endpoint:
+        make_bucket("shards")
+        yield endpoint
+
+
+def _sample(key, caption, split, image=None):
+    return {"__key__": key, "jpg": image if image is not None else jpeg_bytes(seed=int(key)),
+            "txt": caption, "json": {"split": split}}
+
+
+@pytest.fixture
+def shards(tmp_path, s3):
+    """Two shards on disk and the same two in the bucket (with their img2dataset tables); one member is cut."""
+    import s3fs
+
+    root = tmp_path / "wds"
+    cut = jpeg_bytes(seed=3)
+    write_shard(root / "00000.tar", [_sample("100", "a red square", "train"), _sample("101", "shared", "test"),
+                                     _sample("102", "cut", "train", image=cut[: len(cut) // 2])])
+    write_shard(root / "00001.tar", [_sample("200", "a dog", "val"), _sample("201", "Shared ", "test")])
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.rm(BUCKET[len("s3://"):], recursive=True) if fs.exists(BUCKET[len("s3://"):]) else None
+    for path in sorted(root.iterdir()):
+        fs.put_file(str(path), f"{BUCKET[len('s3://'):]}/{path.name}")
+    return root
+
+
+def _bucket_config(tmp_path: Path, **settings):
+    return dataclasses.replace(data_config(tmp_path, Path("unused")), **{"source": BUCKET, "images_root": BUCKET,
+                                                                         **settings})
+
+
+def test_prepared_from_the_bucket_it_is_the_dataset_prepared_from_disk(tmp_path, shards):
+    local = CanonicalDataset.load(prepare(data_config(tmp_path / "local", shards, shards)))
+    cfg = _bucket_config(tmp_path / "remote")
+    remote = CanonicalDataset.load(prepare(cfg))
+    assert remote.fingerprint == local.fingerprint
+    assert remote.tar_index.to_table().equals(local.tar_index.to_table())
+    assert remote.images_root == BUCKET and remote.card()["images_root"] == BUCKET
+    assert str(remote.image_source(0)) == f"{BUCKET}/00000.tar/100.jpg"
+    assert remote.image_source(0).read() == local.image_source(0).read()
+    assert not [p for p in Path(cfg.canonical_dir).iterdir() if p.name.startswith(".")]  # downloads removed
+    assert is_up_to_date(cfg)
+
+
+def test_check_reads_members_from_the_bucket_and_records_the_cut_one(tmp_path, shards):
+    local = check_dataset(CanonicalScan(prepare(data_config(tmp_path / "local", shards, shards))), workers=2,
+                          progress=False)
+    remote = check_dataset(CanonicalScan(prepare(_bucket_config(tmp_path / "remote"))), workers=2, progress=False)
+    assert [(b.image_id, b.path, b.reason) for b in remote.bad_images] == [
+        (b.image_id, b.path, b.reason) for b in local.bad_images]
+    assert [b.path for b in remote.bad_images] == ["00000.tar/102.jpg"]
+    assert remote.caption_warnings == local.caption_warnings
+
+
+def test_a_changed_or_missing_shard_in_the_bucket_is_one_line_naming_its_url(tmp_path, shards):
+    import s3fs
+
+    cfg = _bucket_config(tmp_path)
+    prepare(cfg)
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    key = f"{BUCKET[len('s3://'):]}/00001.tar"
+    fs.pipe_file(key, (shards / "00001.tar").read_bytes() + b"\0" * 512)
+    assert not is_up_to_date(cfg)
+    with pytest.raises(ShardError, match=rf"^{BUCKET}/00001.tar: shard is .* bytes but was .* when indexed"):
+        CanonicalDataset.load(cfg.canonical_dir)
+    fs.rm_file(key)
+    with pytest.raises(ShardError, match=rf"^{BUCKET}/00001.tar: shard missing") as caught:
+        CanonicalScan(cfg.canonical_dir)
+    assert "\n" not in str(caught.value)
+
+
+def test_an_unreachable_endpoint_is_one_line(tmp_path, shards, monkeypatch):
+    from s3_helpers import free_port
+
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{free_port()}")
+    with pytest.raises(BucketError, match=rf"^{BUCKET}: cannot reach the object store at http://127.0.0.1:\d+"):
+        prepare(_bucket_config(tmp_path))
+
+
+def test_source_and_root_must_both_be_in_the_bucket_one_inside_the_other(tmp_path, shards):
+    with pytest.raises(DsmdError, match="need both to be s3:// URLs"):
+        prepare(_bucket_config(tmp_path, images_root=str(shards)))
+    with pytest.raises(DsmdError, match="is not inside data.images_root s3://shards/other"):
+        prepare(_bucket_config(tmp_path, images_root="s3://shards/other"))
+    with pytest.raises(DsmdError, match="no .tar shards under this prefix"):
+        prepare(_bucket_config(tmp_path, source="s3://shards/empty", images_root="s3://shards"))

@@ -211,17 +211,35 @@ def name_is_temporary(path: Path) -> bool:
     return path.name.startswith(".") and (".tmp-" in path.name or path.name.endswith(".lock"))
 
 
+# Lock files this process holds while downloading. A forked child (a data-loader worker forked while a prefetch
+# thread downloads) inherits their descriptors, and an flock lasts while any descriptor of it is open: the lock
+# would outlive the download and stall every later reader of that shard. The child closes its copies at once.
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_HELD_LOCKS):
+        with contextlib.suppress(OSError):
+            os.close(fd)  # a close (not LOCK_UN): the parent's lock stays held until its own download ends
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
 @contextlib.contextmanager
 def _download_lock(target: Path) -> Iterator[None]:
     """Held while `target` downloads. An flock on a file of its own, opened afresh by each caller, so that it
     excludes other threads of this process as well as other processes (a cache shared by loader workers and
     DDP ranks). The empty lock file stays: deleting it could let a second downloader lock a new file while the
     first still holds the old one."""
-    fd = os.open(target.with_name(f".{target.name}.lock"), os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(target.with_name(f".{target.name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    _HELD_LOCKS.add(fd)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         yield
     finally:
+        _HELD_LOCKS.discard(fd)
         os.close(fd)  # closing releases the flock
 
 

@@ -177,9 +177,10 @@ class S3ZarrBackend:
         """The shard's file in the local cache, downloaded (and checked against the mark) if absent; a download
         of it already started by `prefetch` is waited for, and its failure raised here."""
         future = self._prefetcher.claim(self._cache_file(teacher, kind, shard, mark))
-        # One still queued behind other prefetches is withdrawn and fetched now; one running is waited for.
+        # One still queued behind other prefetches is withdrawn and fetched now; one running is waited for, and
+        # its file taken from the cache as usual (which downloads it again if it was evicted since).
         if future is not None and not future.cancel():
-            return future.result()
+            future.result()  # raises the background download's error
         return self._download(teacher, kind, shard, mark)
 
     def _download(self, teacher: str, kind: str, shard: int, mark: ShardMark) -> Path:

@@ -158,3 +158,57 @@ def test_a_local_store_has_nothing_to_prefetch(tmp_path):
         assert not reader.remote
         assert reader.prefetch([("t", "image", np.arange(ROWS))]) == {"cached": 0, "started": 0, "skipped": 0,
                                                                       "over": 0}
+
+
+def test_a_process_forked_during_a_download_does_not_keep_its_lock(store_url, tmp_path):
+    """Loader workers are forked while prefetch threads download: they must not inherit the download's lock."""
+    import fcntl
+    import multiprocessing
+
+    url, _ = store_url
+    with open_store(url, cache_dir=tmp_path / "cache") as reader:
+        counted = Downloads(reader, hold=True)
+        reader.prefetch([("t", "image", np.array([0]))])
+        assert counted.began.wait(30)  # the download holds its lock now
+        child = multiprocessing.get_context("fork").Process(target=time.sleep, args=(20,))
+        child.start()
+        try:
+            counted.release.set()
+            wait_idle(reader)
+            (lock,) = (tmp_path / "cache").rglob(".*.lock")
+            with open(lock, "rb") as handle:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)  # free although the child still runs
+        finally:
+            child.kill()
+            child.join()
+
+
+def test_a_program_ending_without_closing_its_reader_leaves_the_queued_downloads(store_url, tmp_path):
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from paths import REPO
+
+    url, _ = store_url
+    script = textwrap.dedent(f"""
+        import atexit, time
+        import numpy as np
+        from store import open_store
+        reader = open_store({url!r}, cache_dir={str(tmp_path / "cache")!r})
+        made, real = [], reader._backend.fs.get_file
+        def slow(*args, **kwargs):
+            made.append(1)
+            time.sleep(0.5)
+            return real(*args, **kwargs)
+        reader._backend.fs.get_file = slow
+        print(reader.prefetch([("t", "image", np.arange({ROWS}))])["started"], flush=True)
+        time.sleep(0.2)
+        atexit.register(lambda: print(len(made), flush=True))
+    """)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                          cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert done.returncode == 0, done.stderr[-2000:]
+    asked, made = map(int, done.stdout.split())
+    assert asked == 5 and made <= 3  # the (at most three) running downloads finished, the queued never began

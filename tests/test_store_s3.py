@@ -171,9 +171,12 @@ def test_distill_and_evaluate_read_the_store_on_s3(s3_store, world):
     assert metrics  # recall figures came back from the student against the S3 teacher features
 
 
-def test_distill_blocks_order_on_s3_prefetches_and_trains_exactly_as_without(s3_store, world, tmp_path, monkeypatch):
-    """distill.order blocks with the store on S3 downloads each window's shards ahead (WindowPrefetch); the
-    batches, and so every logged loss and the validation figures, are those of the same run without it."""
+@pytest.mark.parametrize("workers", [0, 2])
+def test_distill_blocks_order_on_s3_prefetches_and_trains_exactly_as_without(s3_store, world, tmp_path, monkeypatch,
+                                                                             workers):
+    """distill.order blocks with the store on S3 downloads each window's shards ahead (WindowPrefetch, in the
+    main process; with loader workers their readers find the files in the shared cache); the batches, and so
+    every logged loss and the validation figures, are those of the same run without it."""
     import csv
 
     from pipeline.config.stages import stage_config
@@ -199,6 +202,7 @@ def test_distill_blocks_order_on_s3_prefetches_and_trains_exactly_as_without(s3_
         # reads every shard, and windows after the first find theirs evicted.
         settings["extract"].update(cache_dir=str(tmp_path / name / "cache"), cache_gb=12 * shard_bytes / 2**30)
         settings["distill"].update(order="blocks", order_block_rows=8, order_window=2, epochs=2,
+                                   loader_workers=workers,
                                    out_dir=str(tmp_path / name / "out"))
         (tmp_path / name).mkdir()
         changed = tmp_path / name / "params.yaml"

@@ -217,19 +217,20 @@ class EpochBatches(Sampler[list[int]]):
 class WindowPrefetch:
     """EpochBatches' on_window for a store on S3 (distill.order blocks): as the batches reach window w, start
     downloading the store shards of windows w and w + 1 in the background, so that a step waits for no shard
-    download that could be foreseen. The shards of window w - 1 are held: batches already handed to the loader
-    may still read them, and the prefetch takes only what the shard cache holds next to them.
+    download that could be foreseen. With ``behind`` = 1 (loader workers, which run some batches ahead of the
+    step) the shards of window w - 1 are held: batches already handed to the workers may still read them. The
+    prefetch takes only what the shard cache holds next to the held ones (StoreReader.prefetch).
 
     ``rows(caption_ids)``: the (teacher, kind, row ids) a batch of these training pairs reads (the method's
     prefetch_rows). Runs where the sampler runs, in the main process; loader workers share the cache directory,
     so they find the files there, and wait for one still downloading rather than fetch it again."""
 
-    def __init__(self, reader, train_pairs: np.ndarray, rows: Callable[[np.ndarray], list]):
-        self.reader, self.train_pairs, self.rows = reader, train_pairs, rows
+    def __init__(self, reader, train_pairs: np.ndarray, rows: Callable[[np.ndarray], list], behind: int = 0):
+        self.reader, self.train_pairs, self.rows, self.behind = reader, train_pairs, rows, behind
 
     def __call__(self, windows: list[np.ndarray], current: int) -> None:
         def rows_of(numbers: range) -> list:
             present = [w for w in numbers if 0 <= w < len(windows)]
             return [entry for w in present for entry in self.rows(self.train_pairs[windows[w]])]
 
-        self.reader.prefetch(rows_of(range(current, current + 2)), held=rows_of(range(current - 1, current)))
+        self.reader.prefetch(rows_of(range(current, current + 2)), held=rows_of(range(current - self.behind, current)))

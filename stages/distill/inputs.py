@@ -135,4 +135,5 @@ def window_prefetch(ctx: RunContext, data: TrainingData) -> WindowPrefetch | Non
     reader = data.method.reader
     if data.blocks is None or reader is None or not reader.remote or ctx.cfg.distill.load_store_in_ram:
         return None
-    return WindowPrefetch(reader, data.train_pairs, data.method.prefetch_rows)
+    return WindowPrefetch(reader, data.train_pairs, data.method.prefetch_rows,
+                          behind=1 if ctx.cfg.distill.loader_workers > 0 else 0)

@@ -295,7 +295,7 @@ class StoreReader:
             for array, shard, mark in self._shards_of(entries, seen):
                 room -= mark.file_size or 0
                 if not fetch:
-                    self._backend.cache.touch(self._backend._cache_file(array.teacher, array.kind, shard, mark))
+                    self._backend.cache.touch(self._backend.cache_file(array.teacher, array.kind, shard, mark))
                 elif room < 0:
                     counts["over"] += 1
                 else:

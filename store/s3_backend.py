@@ -170,13 +170,13 @@ class S3ZarrBackend:
             bodies[key].decode(errors="replace"), f"s3://{key}", self.path)) for key in keys), unreadable)
 
     # -- reading ------------------------------------------------------------------------------------
-    def _cache_file(self, teacher: str, kind: str, shard: int, mark: ShardMark) -> Path:
+    def cache_file(self, teacher: str, kind: str, shard: int, mark: ShardMark) -> Path:
         return self.cache.path_for(self.path, f"{teacher}-{kind}-{shard:06d}", mark.file_sha256 or "unknown")
 
     def local_copy(self, teacher: str, kind: str, shard: int, mark: ShardMark) -> Path:
         """The shard's file in the local cache, downloaded (and checked against the mark) if absent; a download
         of it already started by `prefetch` is waited for, and its failure raised here."""
-        future = self._prefetcher.claim(self._cache_file(teacher, kind, shard, mark))
+        future = self._prefetcher.claim(self.cache_file(teacher, kind, shard, mark))
         # One still queued behind other prefetches is withdrawn and fetched now; one running is waited for, and
         # its file taken from the cache as usual (which downloads it again if it was evicted since).
         if future is not None and not future.cancel():
@@ -185,7 +185,7 @@ class S3ZarrBackend:
 
     def _download(self, teacher: str, kind: str, shard: int, mark: ShardMark) -> Path:
         url = self.shard_file(teacher, kind, shard)
-        target = self._cache_file(teacher, kind, shard, mark)
+        target = self.cache_file(teacher, kind, shard, mark)
 
         def download(tmp: Path) -> None:
             with remote_errors(self.path):
@@ -200,7 +200,7 @@ class S3ZarrBackend:
     def prefetch(self, teacher: str, kind: str, shard: int, mark: ShardMark) -> str:
         """Start downloading the shard into the cache in the background. Returns "cached" (already there, now
         marked most recently used), "started", or "skipped" (already on its way, or too many waiting)."""
-        target = self._cache_file(teacher, kind, shard, mark)
+        target = self.cache_file(teacher, kind, shard, mark)
         if self.cache.touch(target):
             return "cached"
         self._array(teacher, kind)  # opened here, not concurrently in the download threads

@@ -24,6 +24,9 @@ from store.marks import ShardMark
 from store.numeric import to_float32
 from store.remote import ShardCache, store_location
 
+# (teacher, kind, row ids): rows of one array, as StoreReader.prefetch takes them.
+Rows = tuple[str, str, np.ndarray]
+
 
 class _ArrayRows:
     """Rows of one array, by id, from its completed shards."""
@@ -268,6 +271,49 @@ class StoreReader:
         if np.dtype(dtype) == np.float32:
             return to_float32(rows)
         return rows.astype(dtype)
+
+    @property
+    def remote(self) -> bool:
+        """Whether reads download shards (an s3:// store): only then is there anything to prefetch."""
+        return getattr(self._backend, "remote", False)
+
+    def prefetch(self, wanted: Sequence[Rows], held: Sequence[Rows] = ()) -> dict[str, int]:
+        """Start downloading, in the background, the shards of an s3:// store that hold the `wanted` rows
+        (entry by entry, each in shard order), so that the reads of those rows find them in the local cache. An
+        entry is (teacher, kind, ids). `held` rows are those still being read: their cached shards are marked most
+        recently used and their size is set aside first, and no more is started than the cache holds next to
+        them (it evicts least recently used files first, so a prefetch never pushes out what is still read).
+        Rows in RAM and incomplete shards are left alone; a local store has nothing to download. Returns counts:
+        cached (wanted and already there), started, skipped (already on its way, or too many waiting), over (did
+        not fit the cache)."""
+        counts = {"cached": 0, "started": 0, "skipped": 0, "over": 0}
+        if not self.remote:
+            return counts
+        room = self._backend.cache.max_bytes
+        seen: set[tuple[str, str, int]] = set()
+        for entries, fetch in ((held, False), (wanted, True)):
+            for array, shard, mark in self._shards_of(entries, seen):
+                room -= mark.file_size or 0
+                if not fetch:
+                    self._backend.cache.touch(self._backend.cache_file(array.teacher, array.kind, shard, mark))
+                elif room < 0:
+                    counts["over"] += 1
+                else:
+                    counts[self._backend.prefetch(array.teacher, array.kind, shard, mark)] += 1
+        return counts
+
+    def _shards_of(self, entries: Sequence[Rows], seen: set) -> Iterator[tuple[_ArrayRows, int, ShardMark]]:
+        """The complete, downloadable shards holding these rows, each once across calls sharing `seen`."""
+        for teacher, kind, ids in entries:
+            array = self._array(teacher, kind)
+            if array._whole is not None:  # in RAM
+                continue
+            for shard in np.unique(array.check_ids(ids) // self.layout.rows_per_shard).tolist():
+                mark = array.marks.get(shard)
+                if mark is None or mark.file_sha256 is None or (teacher, kind, shard) in seen:
+                    continue
+                seen.add((teacher, kind, shard))
+                yield array, shard, mark
 
     def valid(self, teacher: str, kind: str, *, allow_incomplete: bool = False) -> np.ndarray:
         """Bool per row: True where the row holds a feature (False for skipped rows, e.g. bad images).

@@ -10,8 +10,10 @@ non-AWS server such as MinIO or Ceph, ``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCES
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import os
+import threading
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -148,28 +150,39 @@ class ShardCache:
 
     def fetch(self, target: Path, download: Callable[[Path], None], size: int, sha256: str, where: str) -> Path:
         """`target` (from path_for), downloading it with `download(tmp)` when absent; the download must have
-        the given size and sha256, else StoreError naming `where`."""
-        if target.is_file():
-            with contextlib.suppress(OSError):
-                os.utime(target)  # most recently used
+        the given size and sha256, else StoreError naming `where`. One download per file at a time: a caller
+        (thread or process) that finds another downloading the same file waits for it and uses its copy."""
+        if self.touch(target):
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
-        tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
-        try:
-            download(tmp)
-            digest, got = _sha256(tmp)
-            if got != size or digest != sha256:
-                raise StoreError(
-                    f"{where}: the downloaded shard is {got} bytes with sha256 {digest[:12]}, but its completion "
-                    f"mark says {size} bytes, {sha256[:12]}: the object changed after it was written; run "
-                    "`dsmd store verify` on the store, then `dsmd extract --repair`"
-                )
-            os.replace(tmp, target)
-        finally:
-            with contextlib.suppress(OSError):
-                tmp.unlink()
+        with _download_lock(target):
+            if self.touch(target):  # another thread or process downloaded it while we waited
+                return target
+            tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
+            try:
+                download(tmp)
+                digest, got = _sha256(tmp)
+                if got != size or digest != sha256:
+                    raise StoreError(
+                        f"{where}: the downloaded shard is {got} bytes with sha256 {digest[:12]}, but its completion "
+                        f"mark says {size} bytes, {sha256[:12]}: the object changed after it was written; run "
+                        "`dsmd store verify` on the store, then `dsmd extract --repair`"
+                    )
+                os.replace(tmp, target)
+            finally:
+                with contextlib.suppress(OSError):
+                    tmp.unlink()
         self.evict(keep=target)
         return target
+
+    @staticmethod
+    def touch(target: Path) -> bool:
+        """Mark a cached file most recently used (so that eviction takes others first); False when absent."""
+        try:
+            os.utime(target)
+        except OSError:
+            return False
+        return target.is_file()
 
     def evict(self, keep: Path | None = None) -> None:
         entries = []
@@ -194,7 +207,40 @@ class ShardCache:
 
 
 def name_is_temporary(path: Path) -> bool:
-    return path.name.startswith(".") and ".tmp-" in path.name
+    """A download in progress, or the lock file that serialises downloads of one shard (both hold no data)."""
+    return path.name.startswith(".") and (".tmp-" in path.name or path.name.endswith(".lock"))
+
+
+# Lock files this process holds while downloading. A forked child (a data-loader worker forked while a prefetch
+# thread downloads) inherits their descriptors, and an flock lasts while any descriptor of it is open: the lock
+# would outlive the download and stall every later reader of that shard. The child closes its copies at once.
+_HELD_LOCKS: set[int] = set()
+
+
+def _close_inherited_locks() -> None:
+    for fd in list(_HELD_LOCKS):
+        with contextlib.suppress(OSError):
+            os.close(fd)  # a close (not LOCK_UN): the parent's lock stays held until its own download ends
+    _HELD_LOCKS.clear()
+
+
+os.register_at_fork(after_in_child=_close_inherited_locks)
+
+
+@contextlib.contextmanager
+def _download_lock(target: Path) -> Iterator[None]:
+    """Held while `target` downloads. An flock on a file of its own, opened afresh by each caller, so that it
+    excludes other threads of this process as well as other processes (a cache shared by loader workers and
+    DDP ranks). The empty lock file stays: deleting it could let a second downloader lock a new file while the
+    first still holds the old one."""
+    fd = os.open(target.with_name(f".{target.name}.lock"), os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    _HELD_LOCKS.add(fd)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        _HELD_LOCKS.discard(fd)
+        os.close(fd)  # closing releases the flock
 
 
 def _sha256(path: Path) -> tuple[str, int]:

@@ -11,7 +11,9 @@ made of a conditional write (store/s3_lease.py).
 
 Readers download each shard they touch, whole, into a size-limited local ShardCache (store/remote.py) and map
 it from there, checked against its mark's sha256 first. A reader keeps its most recent maps open, at most the
-cache's size of them, so that an evicted file's space is freed once its map goes.
+cache's size of them, so that an evicted file's space is freed once its map goes. A reader that knows which
+shards come next downloads them in the background (`prefetch`, store/prefetch.py); a read of a shard on its way
+waits for that download instead of starting another.
 """
 
 from __future__ import annotations
@@ -30,6 +32,7 @@ from zarr.errors import ContainsArrayError
 from store.errors import StoreError, corrupt_shard
 from store.layout import KINDS, Layout
 from store.marks import ShardMark, collect_marks
+from store.prefetch import ShardPrefetcher
 from store.remote import ShardCache, StoreUrl, checked_filesystem, remote_errors
 from store.s3_lease import LEASE_KEY
 from store.zarr_backend import _WRITE_CONFIG, ARRAY_KEY, EXTRAS_DIR, ROOT_KEY, _contiguous_offset
@@ -51,6 +54,7 @@ class S3ZarrBackend:
         self._arrays: dict[tuple[str, str], zarr.Array] = {}
         self._views: OrderedDict[tuple, np.ndarray] = OrderedDict()
         self._view_bytes = 0
+        self._prefetcher = ShardPrefetcher()
 
     def _key(self, *parts: str) -> str:
         return "/".join([self.path.key, *parts])
@@ -166,10 +170,22 @@ class S3ZarrBackend:
             bodies[key].decode(errors="replace"), f"s3://{key}", self.path)) for key in keys), unreadable)
 
     # -- reading ------------------------------------------------------------------------------------
+    def cache_file(self, teacher: str, kind: str, shard: int, mark: ShardMark) -> Path:
+        return self.cache.path_for(self.path, f"{teacher}-{kind}-{shard:06d}", mark.file_sha256 or "unknown")
+
     def local_copy(self, teacher: str, kind: str, shard: int, mark: ShardMark) -> Path:
-        """The shard's file in the local cache, downloaded (and checked against the mark) if absent."""
+        """The shard's file in the local cache, downloaded (and checked against the mark) if absent; a download
+        of it already started by `prefetch` is waited for, and its failure raised here."""
+        future = self._prefetcher.claim(self.cache_file(teacher, kind, shard, mark))
+        # One still queued behind other prefetches is withdrawn and fetched now; one running is waited for, and
+        # its file taken from the cache as usual (which downloads it again if it was evicted since).
+        if future is not None and not future.cancel():
+            future.result()  # raises the background download's error
+        return self._download(teacher, kind, shard, mark)
+
+    def _download(self, teacher: str, kind: str, shard: int, mark: ShardMark) -> Path:
         url = self.shard_file(teacher, kind, shard)
-        target = self.cache.path_for(self.path, f"{teacher}-{kind}-{shard:06d}", mark.file_sha256 or "unknown")
+        target = self.cache_file(teacher, kind, shard, mark)
 
         def download(tmp: Path) -> None:
             with remote_errors(self.path):
@@ -180,6 +196,16 @@ class S3ZarrBackend:
                                         "shard object is missing although the shard is marked complete") from None
 
         return self.cache.fetch(target, download, mark.file_size or 0, mark.file_sha256 or "", str(url))
+
+    def prefetch(self, teacher: str, kind: str, shard: int, mark: ShardMark) -> str:
+        """Start downloading the shard into the cache in the background. Returns "cached" (already there, now
+        marked most recently used), "started", or "skipped" (already on its way, or too many waiting)."""
+        target = self.cache_file(teacher, kind, shard, mark)
+        if self.cache.touch(target):
+            return "cached"
+        self._array(teacher, kind)  # opened here, not concurrently in the download threads
+        started = self._prefetcher.start(target, lambda: self._download(teacher, kind, shard, mark))
+        return "started" if started else "skipped"
 
     def shard_view(
         self, teacher: str, kind: str, shard: int, start: int, stop: int, mark: ShardMark | None = None
@@ -252,6 +278,7 @@ class S3ZarrBackend:
                     self.fs.rm(entry["name"], recursive=entry["type"] == "directory")
 
     def close(self) -> None:
+        self._prefetcher.close()
         self._arrays.clear()
         self._views.clear()
         self._view_bytes = 0

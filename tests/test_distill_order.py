@@ -104,3 +104,27 @@ def test_a_blocks_run_reads_its_store_shards_window_by_window(world, tmp_path, c
     fingerprint = CanonicalDataset.load(world.canonical).fingerprint
     assert config_digest(load(write_params(world, tmp_path / "b", changes)), fingerprint) != config_digest(
         cfg, fingerprint)
+
+
+def test_the_window_hook_sees_each_window_as_its_batches_start_and_changes_no_batch():
+    blocks = np.repeat(np.arange(10), 12)  # 120 items in 10 blocks, windows of 3 blocks: 36, 36, 36, 12 items
+    seen = []
+    plain = list(EpochBatches(120, 10, seed=2, epoch=1, blocks=blocks, window=3))
+    hooked = EpochBatches(120, 10, seed=2, epoch=1, blocks=blocks, window=3,
+                          on_window=lambda windows, current: seen.append((current, windows)))
+    calls_before = []
+    for batch in hooked:
+        calls_before.append(len(seen))
+        assert batch == plain[len(calls_before) - 1]
+    assert len(calls_before) == len(plain)
+    # Window w is announced before the batch holding its first items (batch 3 holds items 30..39: window 1).
+    assert [current for current, _ in seen] == [0, 1, 2, 3]
+    assert calls_before == [1, 1, 1, 2, 2, 2, 2, 3, 3, 3, 4, 4]  # items 108.. are window 3
+    windows = seen[0][1]
+    assert [len(w) for w in windows] == [36, 36, 36, 12]
+    assert np.concatenate(windows).tolist() == [i for batch in plain for i in batch]
+    # Resumed mid-epoch: the window reached is announced first.
+    seen.clear()
+    list(EpochBatches(120, 10, seed=2, epoch=1, blocks=blocks, window=3, start_batch=5,
+                      on_window=lambda windows, current: seen.append((current, windows))))
+    assert [current for current, _ in seen] == [1, 2, 3]

@@ -175,6 +175,50 @@ def test_distill_and_evaluate_read_the_store_on_s3(s3_store, world):
     assert metrics  # recall figures came back from the student against the S3 teacher features
 
 
+@pytest.mark.parametrize("workers", [0, 2])
+def test_distill_blocks_order_on_s3_prefetches_and_trains_exactly_as_without(s3_store, world, tmp_path, monkeypatch,
+                                                                             workers):
+    """distill.order blocks with the store on S3 downloads each window's shards ahead (WindowPrefetch, in the
+    main process; with loader workers their readers find the files in the shared cache); the batches, and so
+    every logged loss and the validation figures, are those of the same run without it."""
+    import csv
+
+    from pipeline.config.stages import stage_config
+    from stages.distill.train import Trainer
+    from store import open_store
+    from store.reader import StoreReader
+
+    url, params = s3_store
+    with open_store(url, cache_dir=tmp_path / "probe") as reader:
+        shard_bytes = reader.marks(TEACHER, "text")[0].file_size
+    real, started = StoreReader.prefetch, []
+
+    def counted(self, wanted, held=()):
+        counts = real(self, wanted, held)
+        started.append(counts["started"])
+        return counts
+
+    logs = {}
+    for name, prefetch in (("with", counted), ("without", lambda self, wanted, held=(): {})):
+        monkeypatch.setattr(StoreReader, "prefetch", prefetch)
+        settings = yaml.safe_load(params.read_text())
+        # Each run starts with an empty cache, which holds 12 of the 19 shards: the integrity check at the start
+        # reads every shard, and windows after the first find theirs evicted.
+        settings["extract"].update(cache_dir=str(tmp_path / name / "cache"), cache_gb=12 * shard_bytes / 2**30)
+        settings["distill"].update(order="blocks", order_block_rows=8, order_window=2, epochs=2,
+                                   loader_workers=workers,
+                                   out_dir=str(tmp_path / name / "out"))
+        (tmp_path / name).mkdir()
+        changed = tmp_path / name / "params.yaml"
+        changed.write_text(yaml.safe_dump(settings, sort_keys=False))
+        summary = Trainer(stage_config(load(changed), "distill")).train()
+        with open(tmp_path / name / "out" / "train_log.csv") as handle:
+            rows = [{k: v for k, v in row.items() if k != "samples_per_s"} for row in csv.DictReader(handle)]
+        logs[name] = (rows, (tmp_path / name / "out" / "val_log.csv").read_text(), summary["best_val_rsum"])
+    assert sum(started) > 0  # the windows' shards were downloaded ahead
+    assert logs["with"][0] and logs["with"] == logs["without"]
+
+
 def test_reader_cache_stays_within_its_size_limit(s3_store, world, reference, tmp_path):
     from store import open_store
 

@@ -24,7 +24,7 @@ from pipeline.data.images import BadImageError, load_rgb
 from pipeline.data.views import crop_view
 from pipeline.errors import DsmdError
 from stages.distill.guard import bad_teacher_rows, describe_rows
-from stages.distill.order import epoch_order
+from stages.distill.order import epoch_windows
 from stages.distill.views import ViewPlan, teacher_image_rows
 
 
@@ -157,7 +157,9 @@ class EpochBatches(Sampler[list[int]]):
     ``group``: the number of batches per epoch is rounded down to a multiple of it, so that with gradient
     accumulation over ``group`` micro-batches no epoch ends in the middle of an optimiser step.
     ``blocks`` and ``window``: the item order goes block by block (stages.distill.order, distill.order blocks);
-    without blocks it is a full permutation.
+    without blocks it is a full permutation. ``on_window``: with blocks, called as the epoch's batches reach
+    each window (the first one reached too, also mid-epoch on resume) with the windows' item indices and the
+    window's number, before its first batch is yielded (WindowPrefetch); it never changes the batches.
     """
 
     def __init__(
@@ -173,13 +175,14 @@ class EpochBatches(Sampler[list[int]]):
         group: int = 1,
         blocks: np.ndarray | None = None,
         window: int = 1,
+        on_window: Callable[[list[np.ndarray], int], None] | None = None,
     ):
         if batch_size % world:
             raise ValueError(f"batch size {batch_size} is not divisible by {world} ranks")
         self.n_items, self.batch_size = n_items, batch_size
         self.seed, self.epoch, self.rank, self.world = seed, epoch, rank, world
         self.start_batch, self.group = start_batch, group
-        self.blocks, self.window = blocks, window
+        self.blocks, self.window, self.on_window = blocks, window, on_window
 
     @staticmethod
     def batches_per_epoch(n_items: int, batch_size: int, group: int = 1) -> int:
@@ -192,8 +195,42 @@ class EpochBatches(Sampler[list[int]]):
 
     def __iter__(self) -> Iterator[list[int]]:
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + self.epoch)
-        order = epoch_order(self.n_items, generator, self.blocks, self.window)
+        order, bounds = epoch_windows(self.n_items, generator, self.blocks, self.window)
+        windows = None
+        if bounds is not None and self.on_window is not None:
+            items = order.numpy()
+            windows = [items[a:b] for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
         per_rank = self.batch_size // self.world
+        reached = -1
         for batch in range(self.start_batch, self.batches_per_epoch(self.n_items, self.batch_size, self.group)):
+            if windows is not None:
+                # The window of the global batch's last item: a batch straddling two windows starts the second.
+                last = (batch + 1) * self.batch_size - 1
+                current = int(np.searchsorted(bounds, last, side="right")) - 1
+                if current != reached:
+                    reached = current
+                    self.on_window(windows, current)
             start = batch * self.batch_size + self.rank * per_rank
             yield order[start : start + per_rank].tolist()
+
+
+class WindowPrefetch:
+    """EpochBatches' on_window for a store on S3 (distill.order blocks): as the batches reach window w, start
+    downloading the store shards of windows w and w + 1 in the background, so that a step waits for no shard
+    download that could be foreseen. With ``behind`` = 1 (loader workers, which run some batches ahead of the
+    step) the shards of window w - 1 are held: batches already handed to the workers may still read them. The
+    prefetch takes only what the shard cache holds next to the held ones (StoreReader.prefetch).
+
+    ``rows(caption_ids)``: the (teacher, kind, row ids) a batch of these training pairs reads (the method's
+    prefetch_rows). Runs where the sampler runs, in the main process; loader workers share the cache directory,
+    so they find the files there, and wait for one still downloading rather than fetch it again."""
+
+    def __init__(self, reader, train_pairs: np.ndarray, rows: Callable[[np.ndarray], list], behind: int = 0):
+        self.reader, self.train_pairs, self.rows, self.behind = reader, train_pairs, rows, behind
+
+    def __call__(self, windows: list[np.ndarray], current: int) -> None:
+        def rows_of(numbers: range) -> list:
+            present = [w for w in numbers if 0 <= w < len(windows)]
+            return [entry for w in present for entry in self.rows(self.train_pairs[windows[w]])]
+
+        self.reader.prefetch(rows_of(range(current, current + 2)), held=rows_of(range(current - self.behind, current)))

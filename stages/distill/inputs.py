@@ -15,7 +15,7 @@ from pipeline.data.pairs import usable_pairs
 from pipeline.errors import DsmdError
 from pipeline.models.student import load_vocab_tokenizer, make_tokenizer
 from stages.distill.context import RunContext
-from stages.distill.data import EpochBatches, PairRows
+from stages.distill.data import EpochBatches, PairRows, WindowPrefetch
 from stages.distill.ddp import barrier
 from stages.distill.methods import Method, method_for
 from stages.distill.order import image_blocks
@@ -111,6 +111,7 @@ def train_loader(ctx: RunContext, data: TrainingData, student, epoch: int, start
         group=dc.grad_accum,
         blocks=data.blocks,
         window=dc.order_window,
+        on_window=window_prefetch(ctx, data),
     )
     tokenize = Tokenize(student.tokenizer, ctx.cfg.student.max_text_len)
     collate = data.method.collate(tokenize, dc.loader_workers)
@@ -125,3 +126,14 @@ def train_loader(ctx: RunContext, data: TrainingData, student, epoch: int, start
         # Its own generator: creating the loader must not consume the global RNG a resumed run restores.
         generator=torch.Generator().manual_seed(dc.seed + epoch),
     )
+
+
+def window_prefetch(ctx: RunContext, data: TrainingData) -> WindowPrefetch | None:
+    """Background downloads of the next window's shards, for a store on S3 read in distill.order blocks. Not for
+    the shuffle (every window is the whole store), a local store (mapped, nothing to download), nor rows loaded
+    into RAM (distill.load_store_in_ram)."""
+    reader = data.method.reader
+    if data.blocks is None or reader is None or not reader.remote or ctx.cfg.distill.load_store_in_ram:
+        return None
+    return WindowPrefetch(reader, data.train_pairs, data.method.prefetch_rows,
+                          behind=1 if ctx.cfg.distill.loader_workers > 0 else 0)

@@ -31,7 +31,7 @@ from stages.distill.mcad_data import (
 )
 from stages.distill.supervised import SupervisedContrastive
 from stages.distill.supervised_data import GroundTruthCollate, pair_validity
-from stages.distill.views import ViewPlan, check_views, load_boxes, view_valid
+from stages.distill.views import VIEW_KIND, ViewPlan, check_views, load_boxes, view_valid
 from store import open_store
 
 Gather = Callable[[torch.Tensor], torch.Tensor]
@@ -140,6 +140,14 @@ class DsmdMethod:
         open_reader = self._worker_reader() if workers > 0 else _SameReader(self.reader)
         return PairCollate(tokenize, open_reader, self.teacher, self.views)
 
+    def _image_kind(self) -> str:
+        return VIEW_KIND if self.views == "replay" else "image"
+
+    def prefetch_rows(self, caption_ids: np.ndarray) -> list[tuple[str, str, np.ndarray]]:
+        """The store rows the collate function reads for these training pairs (what WindowPrefetch fetches)."""
+        image_ids = self.ds.caption_image_ids()[caption_ids]
+        return [(self.teacher, self._image_kind(), image_ids), (self.teacher, "text", caption_ids)]
+
     def losses(self, objective, s_v, s_t, batch, device: torch.device, ids: torch.Tensor, gather: Gather):
         """(named loss values, what ``objective.enqueue`` takes after the step)."""
         t_v = gather(batch.teacher_image.to(device).float())
@@ -197,6 +205,12 @@ class McadMethod(DsmdMethod):
     def collate(self, tokenize: Callable, workers: int):
         open_reader = self._worker_reader() if workers > 0 else _SameReader(self.reader)
         return McadCollate(tokenize, open_reader, self.mcad.teachers, self.mcad.fused_teacher, self.views)
+
+    def prefetch_rows(self, caption_ids: np.ndarray) -> list[tuple[str, str, np.ndarray]]:
+        image_ids = self.ds.caption_image_ids()[caption_ids]
+        rows = [(name, kind, ids) for name in self.mcad.teachers
+                for kind, ids in ((self._image_kind(), image_ids), ("text", caption_ids))]
+        return [*rows, (self.mcad.fused_teacher, "pair", caption_ids)]
 
     def losses(self, objective, s_v, s_t, batch, device: torch.device, ids: torch.Tensor, gather: Gather):
         rows = batch.teacher_rows(device, gather)

@@ -17,7 +17,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["epoch_order", "image_blocks"]
+__all__ = ["epoch_order", "epoch_windows", "image_blocks"]
 
 
 def image_blocks(image_ids: np.ndarray, block_rows: int) -> np.ndarray:
@@ -31,8 +31,16 @@ def epoch_order(
     n_items: int, generator: torch.Generator, blocks: np.ndarray | None = None, window: int = 1
 ) -> torch.Tensor:
     """Item indices of one epoch, each exactly once: a full permutation, or block by block (see module doc)."""
+    return epoch_windows(n_items, generator, blocks, window)[0]
+
+
+def epoch_windows(
+    n_items: int, generator: torch.Generator, blocks: np.ndarray | None = None, window: int = 1
+) -> tuple[torch.Tensor, np.ndarray | None]:
+    """epoch_order, and where its windows start in it (with a last entry n_items; None for the full shuffle):
+    window w is order[starts[w]:starts[w + 1]]."""
     if blocks is None:
-        return torch.randperm(n_items, generator=generator)
+        return torch.randperm(n_items, generator=generator), None
     blocks = np.asarray(blocks)
     if len(blocks) != n_items:
         raise ValueError(f"{len(blocks)} block labels for {n_items} items")
@@ -47,4 +55,6 @@ def epoch_order(
     for first in range(0, len(visit), window):
         members = np.concatenate([by_block[starts[b] : starts[b + 1]] for b in visit[first : first + window]])
         parts.append(members[torch.randperm(len(members), generator=generator).numpy()])
-    return torch.from_numpy(np.concatenate(parts)) if parts else torch.empty(0, dtype=torch.int64)
+    bounds = np.cumsum([0, *(len(part) for part in parts)])
+    order = torch.from_numpy(np.concatenate(parts)) if parts else torch.empty(0, dtype=torch.int64)
+    return order, bounds

@@ -317,10 +317,14 @@ class StoreReader:
 
     def valid(self, teacher: str, kind: str, *, allow_incomplete: bool = False) -> np.ndarray:
         """Bool per row: True where the row holds a feature (False for skipped rows, e.g. bad images).
-        Refuses an incomplete array unless allow_incomplete (then its unfinished rows are False)."""
+        Refuses an incomplete array unless allow_incomplete (then its unfinished rows are False).
+
+        A local store's shards are also checked against their marks here, before training starts. A remote
+        store's are checked as each is first read instead: checking them here would download the whole store,
+        which at scale is neither possible in the cache nor wanted before the first step."""
         array = self._array(teacher, kind)
         if not allow_incomplete:
-            array.require_all()
+            array.require_all(check=not self.remote)
         return array.valid()
 
     def stream(

@@ -232,6 +232,21 @@ def test_reader_cache_stays_within_its_size_limit(s3_store, world, reference, tm
     assert 0 < cached <= limit
 
 
+def test_valid_rows_of_an_s3_store_download_no_shard(s3_store, world, reference, tmp_path):
+    """What distill asks before its first step (which rows hold features) comes from the marks: a store too
+    large for any cache must not be downloaded whole first. The shard a read then touches is checked then."""
+    from store import open_store
+
+    url, _ = s3_store
+    with open_store(url, cache_dir=tmp_path / "cache") as reader:
+        valid = reader.valid(TEACHER, "text")
+        assert not [p for p in (tmp_path / "cache").rglob("*") if p.is_file()]
+        rows = reader.get(TEACHER, "text", np.arange(8), dtype=None)
+        assert len([p for p in (tmp_path / "cache").rglob("*") if p.is_file() and not p.name.startswith(".")]) == 1
+    np.testing.assert_array_equal(valid, reference.valid["text"])
+    np.testing.assert_array_equal(rows, reference.rows["text"][:8])
+
+
 def test_hdf5_on_s3_is_refused_in_one_line(s3):
     from store.errors import StoreError
     from store.writer import FeatureStore

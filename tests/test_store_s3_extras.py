@@ -5,6 +5,7 @@ objects refused; and MCAD end to end with extract.store = s3://... (extract -> e
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 
@@ -168,7 +169,8 @@ def test_mcad_end_to_end_with_the_store_on_s3(s3, world, tmp_path):
 
     url = f"s3://{BUCKET}/mcad/features.zarr"
     params = base_params(world)
-    params["extract"] = {**params["extract"], "store": url, "tracked": str(tmp_path / "features.s3.json")}
+    params["extract"] = {**params["extract"], "store": url, "tracked": str(tmp_path / "features.s3.json"),
+                         "cache_dir": str(tmp_path / "reader-cache")}
     params.update(
         student={"vision_model": "test_vit", "img_size": 32, "patch_size": 8, "text_hidden": 32, "text_layers": 1,
                  "text_heads": 2, "max_text_len": 24},
@@ -195,8 +197,11 @@ def test_mcad_end_to_end_with_the_store_on_s3(s3, world, tmp_path):
     assert again.shards_written == 0 and again.alignments[TEACHER]["refitted"] is False
     assert get_extra(url, name).provenance == fit
 
+    shutil.rmtree(tmp_path / "reader-cache", ignore_errors=True)
     summary = Trainer(stage_config(cfg, "distill")).train()
     assert summary["steps"] > 0
+    # MCAD's readers use extract.cache_dir like DSMD's (they used the default cache before).
+    assert [p for p in (tmp_path / "reader-cache").rglob("*") if "-pair-" in p.name and not p.name.startswith(".")]
     assert all(np.isfinite(v) for v in summary.values() if isinstance(v, float))
     metrics = run_evaluate(stage_config(cfg, "evaluate"))
     assert metrics

@@ -65,9 +65,12 @@ class McadBatch:
         return pinned(self)
 
 
-def open_mcad_reader(path: str | Path, dataset_fingerprint: str, cfg: McadConfig, in_memory: bool = False):
-    """A store reader checked to hold every dual teacher's image and text arrays and the fused pair array."""
-    reader = open_store(path, dataset_fingerprint=dataset_fingerprint, teacher=list(cfg.teachers), in_memory=in_memory)
+def open_mcad_reader(path: str | Path, dataset_fingerprint: str, cfg: McadConfig, in_memory: bool = False,
+                     cache: dict | None = None):
+    """A store reader checked to hold every dual teacher's image and text arrays and the fused pair array.
+    ``cache``: open_store's shard cache settings for an s3:// store (`methods.reader_cache`)."""
+    reader = open_store(path, dataset_fingerprint=dataset_fingerprint, teacher=list(cfg.teachers), in_memory=in_memory,
+                        **(cache or {}))
     if (cfg.fused_teacher, "pair") not in reader.arrays():
         reader.close()
         raise DsmdError(
@@ -83,8 +86,8 @@ class McadReaderOpener:
     """Picklable: each loader worker opens its own reader."""
 
     def __init__(self, path: str, dataset_fingerprint: str, cfg: McadConfig, in_memory: bool = False,
-                 views: bool = False):
-        self.args = (str(path), dataset_fingerprint, cfg, in_memory)
+                 views: bool = False, cache: dict | None = None):
+        self.args = (str(path), dataset_fingerprint, cfg, in_memory, cache)
         self.views = views  # replayed views: their rows go to RAM too
 
     def __call__(self):

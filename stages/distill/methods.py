@@ -173,7 +173,8 @@ class McadMethod(DsmdMethod):
         super().__init__(cfg, ds, in_memory)
 
     def _open_reader(self, in_memory: bool):
-        return open_mcad_reader(self.cfg.extract.store, self.ds.fingerprint, self.mcad, in_memory=in_memory)
+        return open_mcad_reader(self.cfg.extract.store, self.ds.fingerprint, self.mcad, in_memory=in_memory,
+                                cache=reader_cache(self.cfg))
 
     def _view_teachers(self) -> list[str]:
         return list(self.mcad.teachers)
@@ -200,7 +201,7 @@ class McadMethod(DsmdMethod):
     def _worker_reader(self):
         store, fingerprint = self.cfg.extract.store, self.ds.fingerprint
         return McadReaderOpener(store, fingerprint, self.mcad, self.cfg.distill.load_store_in_ram,
-                                views=self.views == "replay")
+                                views=self.views == "replay", cache=reader_cache(self.cfg))
 
     def collate(self, tokenize: Callable, workers: int):
         open_reader = self._worker_reader() if workers > 0 else _SameReader(self.reader)

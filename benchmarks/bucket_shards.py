@@ -3,10 +3,12 @@
     python benchmarks/bucket_shards.py --images 20000
 
 Writes img2dataset-like shards (benchmarks/webdataset_scale.py's generator: small JPEGs, one caption each),
-uploads them to a moto S3 server running as its own process on this machine (benchmarks/store_s3.py), then, for
-disk and for bucket, `dsmd data prepare` (the bucket downloads each shard once to index it) and `dsmd data check`
-(every image decoded; from the bucket each is one ranged GET), each timed. Reported: seconds and rows/s of each,
-and the bucket's time as a multiple of disk's.
+uploads them to a moto S3 server running as its own process on this machine (benchmarks/store_s3.py), then
+times, side by side: `dsmd data prepare` from disk and from the bucket (which downloads each shard once to index
+it), and `dsmd data check` (every image decoded) three ways: from disk; from the bucket through the local shard
+cache, as the CLI runs it (each shard downloaded once, whole); from the bucket with one ranged GET per image (how
+distill reads shards that neither come in order nor fit the cache). Reported: seconds and rows/s of each, and
+each bucket time as a multiple of disk's.
 
 The server is on loopback: every GET costs this machine's CPU for both ends (moto is Python) but no network
 latency. Against a real bucket each ranged GET adds its round trip (10-50 ms), which the check hides only by
@@ -47,6 +49,7 @@ def main() -> None:
 
     from pipeline.config import DataConfig
     from pipeline.console import console
+    from pipeline.data.bucket import local_shard_cache
     from pipeline.data.canonical import prepare
     from pipeline.data.check import check_dataset
     from pipeline.data.scan import CanonicalScan
@@ -65,18 +68,25 @@ def main() -> None:
                            canonical_dir=str(root / "canonical-disk"), hash_split_val=0.05, hash_split_test=0.05)
         remote = replace(local, source="s3://bench/wds", images_root="s3://bench/wds",
                          canonical_dir=str(root / "canonical-bucket"))
+        cache = local_shard_cache(str(root / "shard-cache"), 8.0)
         for name, cfg in (("disk", local), ("bucket", remote)):
             seconds, directory = timed(lambda cfg=cfg: prepare(cfg))
-            check_seconds, report = timed(lambda d=directory: check_dataset(CanonicalScan(d), workers=args.workers,
-                                                                          progress=False))
-            assert not report.bad_images
             results[name] = {"prepare_s": seconds, "prepare_rows_per_s": args.images / seconds,
-                             "check_s": check_seconds, "check_rows_per_s": args.images / check_seconds,
                              "fingerprint": CanonicalScan(directory).fingerprint}
+            for reads in (("cached", "ranged") if name == "bucket" else ("in place",)):
+                scan = CanonicalScan(directory)
+                if reads == "cached":
+                    scan.use_shard_cache(cache)
+                check_seconds, report = timed(lambda scan=scan: check_dataset(scan, workers=args.workers,
+                                                                              progress=False))
+                assert not report.bad_images
+                results[name][f"check {reads}"] = {"s": check_seconds, "rows_per_s": args.images / check_seconds}
     assert results["disk"]["fingerprint"] == results["bucket"]["fingerprint"]
+    disk_check = results["disk"]["check in place"]["s"]
     summary = {"images": args.images, "shards": -(-args.images // args.per_shard), "upload_s": upload, **results,
                "bucket_over_disk": {"prepare": results["bucket"]["prepare_s"] / results["disk"]["prepare_s"],
-                                    "check": results["bucket"]["check_s"] / results["disk"]["check_s"]}}
+                                    "check cached": results["bucket"]["check cached"]["s"] / disk_check,
+                                    "check ranged": results["bucket"]["check ranged"]["s"] / disk_check}}
     text = json.dumps(summary, indent=1)
     print(text)
     if args.out:

@@ -116,3 +116,33 @@ def test_source_and_root_must_both_be_in_the_bucket_one_inside_the_other(tmp_pat
         prepare(_bucket_config(tmp_path, images_root="s3://shards/other"))
     with pytest.raises(DsmdError, match="no .tar shards under this prefix"):
         prepare(_bucket_config(tmp_path, source="s3://shards/empty", images_root="s3://shards"))
+
+
+def test_in_order_reads_take_each_shard_whole_through_the_cache_once(tmp_path, shards, monkeypatch):
+    """A scan given the local shard cache downloads each shard once and reads no image by a ranged GET; without
+    it every image is one ranged GET. A shard rewritten with the same size is caught by its sha256."""
+    import s3fs
+
+    from pipeline.data import bucket
+
+    ranged = []
+    real_range = bucket.read_range
+    monkeypatch.setattr(bucket, "read_range", lambda *a: ranged.append(a) or real_range(*a))
+    directory = prepare(_bucket_config(tmp_path))
+    scan = CanonicalScan(directory)
+    scan.use_shard_cache(bucket.local_shard_cache(str(tmp_path / "cache"), 1.0))
+    cached = check_dataset(scan, workers=4, progress=False, write=False)
+    copies = [p for p in (tmp_path / "cache").rglob("*") if p.is_file() and not p.name.startswith(".")]
+    assert sorted(p.name.split("-")[0] for p in copies) == ["00000.tar", "00001.tar"] and ranged == []
+    plain = check_dataset(CanonicalScan(directory), workers=4, progress=False, write=False)
+    assert len(ranged) == 5  # one per image
+    assert plain.to_dict() == cached.to_dict()
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    data = bytearray((shards / "00001.tar").read_bytes())
+    data[-1024] ^= 0xFF  # same size, other bytes: the size check on opening cannot see it
+    fs.pipe_file(f"{BUCKET[len('s3://'):]}/00001.tar", bytes(data))
+    again = CanonicalDataset.load(directory)
+    again.use_shard_cache(bucket.local_shard_cache(str(tmp_path / "other-cache"), 1.0), in_order=True)
+    with pytest.raises(ShardError, match=rf"^{BUCKET}/00001.tar: the shard changed since it was prepared"):
+        again.image_source(3).read()

@@ -162,9 +162,9 @@ class ExtractConfig:
     views: NonNegInt = 0
     view_min_scale: Annotated[float, Range(gt=0, le=1)] = 0.4
     view_seed: Seed = 0
-    # s3:// stores only: where distill and evaluate keep the shards they download ("" = ~/.cache/dsmd/store-cache,
-    # under $XDG_CACHE_HOME when set), and at most how many GiB of them (least recently used go first).
-    # Local stores are read in place and ignore both.
+    # s3:// stores, and WebDataset shards in a bucket: where the stages keep the shards they download ("" =
+    # ~/.cache/dsmd/store-cache, under $XDG_CACHE_HOME when set), and at most how many GiB of them, store and tar
+    # shards together (least recently used go first). Local stores and shards are read in place and ignore both.
     cache_dir: str = ""
     cache_gb: PosFloat = 8.0
 

@@ -9,13 +9,18 @@ S3 reads (store/remote.py).
 - Prepare downloads each shard (and its img2dataset ``.parquet``) once, whole, to a temporary file beside the
   canonical directory, indexes it there with the local code and deletes it: walking a tar's headers needs its
   bytes in order anyway, and one GET per shard beats a ranged GET per header.
-- Every later read of an image is one ranged GET of exactly its bytes (`read_range`); the shard's size is
-  checked when the dataset is opened (one listing per prefix), as a local shard's is.
+- Later reads: a stage that reads shards in order (check, extract, evaluate; distill in blocks order or when the
+  shards fit the cache) gives the dataset a local shard cache (extract.cache_dir / cache_gb, shared with the
+  store's remote shards), and each shard is downloaded once, whole, checked against the sha256 prepare recorded
+  (`cached_copy`), then read by offset. Without one, each image is one ranged GET of exactly its bytes
+  (`read_range`): right for random access to more shards than the cache holds. The shards' sizes are checked
+  when the dataset is opened (one listing per prefix), as a local shard's are.
 - Failures are one line naming the URL: unreachable endpoint, refused credentials, missing bucket or shard.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import posixpath
 from collections.abc import Iterator
@@ -25,7 +30,8 @@ from pathlib import Path
 from pipeline.errors import DsmdError
 
 __all__ = ["is_url", "BucketError", "root_url", "relative_to_root", "list_tar_objects", "listing_digest_rows",
-           "download", "object_sizes", "read_range"]
+           "download", "object_sizes", "read_range", "cached_copy", "file_sha256",
+           "local_shard_cache"]
 
 SCHEME = "s3://"
 
@@ -164,6 +170,38 @@ def download(url: str, target: Path, *, optional: bool = False) -> bool:
                 return False
             raise
     return True
+
+
+def file_sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def cached_copy(url: str, size: int, sha256: str, cache) -> Path:
+    """The whole shard in the local ``cache`` (store.remote.ShardCache), downloaded once (also across threads
+    and processes sharing the cache) and checked against the sha256 prepare recorded."""
+
+    def download(tmp: Path) -> None:
+        _filesystem().get_file(_key(url), str(tmp))
+        got = file_sha256(tmp)
+        if got != sha256:
+            raise BucketError(f"{url}: the shard changed since it was prepared (sha256 {got[:12]}, was "
+                              f"{sha256[:12]}); rerun `dsmd data prepare`")
+
+    with _errors(url):
+        return cache.fetch(cache.path_for(posixpath.dirname(url), posixpath.basename(url), sha256), download, size,
+                           sha256, url)
+
+
+def local_shard_cache(cache_dir: str, cache_gb: float):
+    """The local cache for shards in a bucket: the one the store's remote shards use (extract.cache_dir,
+    extract.cache_gb), so one budget bounds both."""
+    from store.remote import ShardCache
+
+    return ShardCache(cache_dir or None, int(cache_gb * 2**30))
 
 
 def read_range(url: str, offset: int, size: int) -> bytes:

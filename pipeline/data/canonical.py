@@ -49,7 +49,7 @@ from pipeline.data.files import (
     staged_path,
 )
 from pipeline.data.fingerprint import SCHEMA_VERSION, fingerprint_tables
-from pipeline.data.refs import ImageRef, Locator, root_location
+from pipeline.data.refs import ImageRef, Locator, root_location, shard_cache_for
 from pipeline.data.rows import CAPTIONS_SCHEMA, IMAGES_SCHEMA, SPLITS, SourceBuilder
 from pipeline.data.scan import CanonicalScan
 from pipeline.data.shards import TarIndex, TarMember
@@ -148,7 +148,8 @@ class CanonicalDataset:
         if tar_index is not None and len(tar_index) != self.num_images:
             raise DsmdError(f"{name}: the tar index has {len(tar_index)} rows for {self.num_images} images")
         self._locator = Locator(name, self.images_root, None if tar_index is None else tar_index.shards,
-                                None if tar_index is None else tar_index.shard_sizes)
+                                None if tar_index is None else tar_index.shard_sizes,
+                                None if tar_index is None else tar_index.shard_sha256)
 
     # ---------------------------------------------------------------- sizes and ids
     @property
@@ -304,6 +305,12 @@ class CanonicalDataset:
     def check_shards(self) -> None:
         """For a dataset in tar shards: refuse, in one line, a shard that is missing or changed since indexing."""
         self._locator.check_shards()
+
+    def use_shard_cache(self, cache, *, in_order: bool) -> None:
+        """How to read shards in a bucket from now on (pipeline/data/bucket.py): whole, through ``cache`` (a
+        store.remote.ShardCache), when the stage reads them ``in_order`` or they all fit it; else a ranged GET
+        per image. Nothing changes for local files and shards."""
+        self._locator.use_shard_cache(shard_cache_for(self._locator.remote_bytes(), cache, in_order=in_order))
 
 
 # ------------------------------------------------------------------------------------------ prepare

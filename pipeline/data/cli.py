@@ -78,12 +78,16 @@ def check(
     Exits 0 whenever the whole dataset could be checked, also when it found bad images: later stages skip
     those images using the list written here.
     """
+    from pipeline.data.bucket import local_shard_cache
     from pipeline.data.canonical import BAD_IMAGES_FILE, CHECK_REPORT_FILE, scan_or_prepare
     from pipeline.data.check import check_dataset
 
-    cfg = get_config(ctx).data
-    # Read a batch at a time, not held: a web-scale dataset is checked in bounded memory.
+    config = get_config(ctx)
+    cfg = config.data
+    # Read a batch at a time, not held: a web-scale dataset is checked in bounded memory. Shards in a bucket
+    # come whole through the local shard cache (extract.cache_dir / cache_gb), as check reads them in order.
     dataset, prepared = scan_or_prepare(cfg)
+    dataset.use_shard_cache(local_shard_cache(config.extract.cache_dir, config.extract.cache_gb))
     if prepared:
         console.print(f"prepared the canonical dataset in {dataset.directory}", highlight=False, markup=False)
     report = check_dataset(dataset, workers=workers or None)

@@ -12,7 +12,7 @@ from pipeline.data.rows import RootGuard
 from pipeline.data.shards import ShardError, TarMember, check_shard
 from pipeline.errors import DsmdError
 
-__all__ = ["ImageRef", "Locator", "root_location"]
+__all__ = ["ImageRef", "Locator", "root_location", "shard_cache_for"]
 
 
 def root_location(images_root: str | Path) -> Path | str:
@@ -38,10 +38,12 @@ class Locator:
     """Turns image rows into what `load_rgb` reads, keeping every path under the images root."""
 
     def __init__(self, name: str, images_root: Path | str, shards: list[str] | None = None,
-                 shard_sizes: list[int] | None = None):
+                 shard_sizes: list[int] | None = None, shard_sha256: list[str] | None = None):
         self.name = name
         self.in_tars = shards is not None
         self.shard_sizes = list(shard_sizes or [])
+        self.shard_sha256 = list(shard_sha256 or []) or [""] * len(self.shard_sizes)
+        self.cache = None  # see use_shard_cache
         self.shard_paths: list[Path | str] = []
         if bucket.is_url(images_root):
             # Shards in a bucket: URLs under the root; there are no symlinks to follow out of it.
@@ -69,11 +71,22 @@ class Locator:
         except ValueError as exc:
             raise DsmdError(f"{self.name}: image {image_id} ({relpath!r}) {exc}") from None
 
+    def use_shard_cache(self, cache) -> None:
+        """Read shards in a bucket whole through ``cache`` (store.remote.ShardCache), or with a ranged GET per
+        image (None). Local shards are read in place either way."""
+        self.cache = cache
+
+    def remote_bytes(self) -> int:
+        return sum(size for path, size in zip(self.shard_paths, self.shard_sizes, strict=True) if isinstance(path, str))
+
     def source(self, ref: ImageRef) -> Path | TarMember:
         if not self.in_tars:
             return self.path(ref.image_id, ref.relpath)
-        return TarMember(shard=self.shard_paths[ref.shard], name=ref.member, offset=ref.offset, size=ref.size,
-                         shard_size=self.shard_sizes[ref.shard])
+        shard = self.shard_paths[ref.shard]
+        remote = isinstance(shard, str)
+        return TarMember(shard=shard, name=ref.member, offset=ref.offset, size=ref.size,
+                         shard_size=self.shard_sizes[ref.shard], sha256=self.shard_sha256[ref.shard] if remote else "",
+                         cache=self.cache if remote else None)
 
     def check_shards(self) -> None:
         """Refuse, in one line, a shard that is missing or changed since it was indexed. Done on opening a
@@ -88,3 +101,12 @@ class Locator:
             elif found[path] != size:
                 raise ShardError(f"{path}: shard is {found[path]:,} bytes but was {size:,} when indexed (rewritten "
                                  "since); rerun `dsmd data prepare`")
+
+
+def shard_cache_for(locator_bytes: int, cache, *, in_order: bool):
+    """The cache a stage reads a bucket's shards through: always when it reads them in order (each shard is then
+    downloaded once), else only when every shard fits it (random access to more shards than the cache holds
+    would download a whole shard per image: a ranged GET each is better). None for no remote shards."""
+    if locator_bytes == 0:
+        return None
+    return cache if in_order or locator_bytes <= cache.max_bytes else None

@@ -17,7 +17,7 @@ import pyarrow.parquet as pq
 
 from pipeline.data.files import CAPTIONS_FILE, IMAGES_FILE, TAR_INDEX_FILE, read_card
 from pipeline.data.fingerprint import fingerprint_files
-from pipeline.data.refs import ImageRef, Locator, root_location
+from pipeline.data.refs import ImageRef, Locator, root_location, shard_cache_for
 from pipeline.data.shards import TAR_INDEX_SCHEMA, TarMember, shards_from_metadata
 from pipeline.errors import DsmdError
 
@@ -38,19 +38,24 @@ class CanonicalScan:
             raise DsmdError(f"{self.directory}: the tables do not match the fingerprint in dataset.json (changed by "
                             "hand or an interrupted write); rerun `dsmd data prepare`")
         self._tar_path = self.directory / TAR_INDEX_FILE
-        shards = sizes = None
+        shards = sizes = shas = None
         if card.get("source", {}).get("format") == "webdataset":
             try:
                 index = pq.ParquetFile(self._tar_path)
-                shards, sizes = shards_from_metadata(index.metadata.metadata, str(self.directory))
+                shards, sizes, shas = shards_from_metadata(index.metadata.metadata, str(self.directory))
                 rows = index.metadata.num_rows
             except (OSError, pa.ArrowInvalid) as exc:
                 raise DsmdError(f"{self._tar_path}: unreadable ({exc}); rerun `dsmd data prepare`") from None
             if rows != self.num_images:
                 raise DsmdError(f"{self.name}: the tar index has {rows} rows for {self.num_images} images")
         self._shard_names = shards or []
-        self._locator = Locator(self.name, self.images_root, shards, sizes)
+        self._locator = Locator(self.name, self.images_root, shards, sizes, shas)
         self._locator.check_shards()
+
+    def use_shard_cache(self, cache) -> None:
+        """Read shards in a bucket whole through ``cache`` (a scan reads them in order): see
+        `CanonicalDataset.use_shard_cache`."""
+        self._locator.use_shard_cache(shard_cache_for(self._locator.remote_bytes(), cache, in_order=True))
 
     @property
     def dropped(self) -> list[dict]:

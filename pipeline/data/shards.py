@@ -19,8 +19,9 @@ from __future__ import annotations
 import json
 import os
 import tarfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
@@ -81,6 +82,10 @@ class TarMember:
     offset: int
     size: int
     shard_size: int
+    # A shard in a bucket: its sha256 at prepare, and the local cache (store.remote.ShardCache) to read it whole
+    # through; without a cache, or without the sha256 (prepared before it was recorded), one ranged GET per image.
+    sha256: str = ""
+    cache: Any = None
 
     def __str__(self) -> str:
         return f"{self.shard}/{self.name}"
@@ -99,7 +104,16 @@ class TarMember:
         # The shard's size was checked when the dataset was opened; a HEAD before every image would double the
         # requests. A shard rewritten since then gives undecodable members, which are recorded as bad images.
         try:
-            return bucket.read_range(self.shard, self.offset, self.size)
+            if self.cache is None or not self.sha256:
+                return bucket.read_range(self.shard, self.offset, self.size)
+            for _ in range(2):
+                local = bucket.cached_copy(self.shard, self.shard_size, self.sha256, self.cache)
+                try:
+                    return _pread(local, self.offset, self.size)
+                except FileNotFoundError:
+                    continue  # evicted by another reader between its download and this read: fetch it again
+            raise ShardError(f"{self.shard}: the local shard cache ({self.cache.directory}) evicts it as soon as it "
+                             "arrives; raise extract.cache_gb")
         except bucket.BucketError as exc:
             raise ShardError(str(exc)) from None
 
@@ -115,6 +129,14 @@ class TarMember:
             raise ShardError(f"{self.shard}: cannot read the shard ({exc.strerror or exc})") from None
         finally:
             os.close(fd)
+
+
+def _pread(path: Path, offset: int, size: int) -> bytes:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        return os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
 
 
 def _base(shard: Path | str) -> str:
@@ -208,6 +230,7 @@ class TarIndex:
     members: pa.Array  # string
     offsets: np.ndarray  # int64; ABSENT for a sample the tar lacks
     sizes: np.ndarray  # int64
+    shard_sha256: list[str] = field(default_factory=list)  # shards in a bucket only (prepare hashes each one)
 
     def __len__(self) -> int:
         return len(self.members)
@@ -216,7 +239,9 @@ class TarIndex:
         return self.members[row].as_py()
 
     def to_table(self) -> pa.Table:
-        shards = [{"path": p, "size": s} for p, s in zip(self.shards, self.shard_sizes, strict=True)]
+        shas = self.shard_sha256 or [""] * len(self.shards)
+        shards = [{"path": p, "size": s, **({"sha256": h} if h else {})}
+                  for p, s, h in zip(self.shards, self.shard_sizes, shas, strict=True)]
         return pa.table(
             {
                 "image_id": pa.array(np.arange(len(self), dtype=np.int64)),
@@ -238,10 +263,11 @@ class TarIndex:
     @classmethod
     def from_table(cls, table: pa.Table, where: str, metadata: dict | None = None) -> TarIndex:
         try:
-            shards, sizes = shards_from_metadata(metadata or table.schema.metadata, where)
+            shards, sizes, shas = shards_from_metadata(metadata or table.schema.metadata, where)
             index = cls(
                 shards=shards,
                 shard_sizes=sizes,
+                shard_sha256=shas,
                 shard_of=table.column("shard").to_numpy().astype(np.int32),
                 members=_member_names(table.column("member")),
                 offsets=table.column("offset").to_numpy().astype(np.int64),
@@ -256,11 +282,12 @@ class TarIndex:
         return index
 
 
-def shards_from_metadata(metadata: dict | None, where: str) -> tuple[list[str], list[int]]:
-    """The shard paths and sizes that `shards_metadata` recorded."""
+def shards_from_metadata(metadata: dict | None, where: str) -> tuple[list[str], list[int], list[str]]:
+    """The shard paths, sizes and sha256s ("" where none was recorded) that `shards_metadata` recorded."""
     try:
         shards = json.loads((metadata or {})[_SHARDS_KEY.encode()])
-        return [str(s["path"]) for s in shards], [int(s["size"]) for s in shards]
+        return ([str(s["path"]) for s in shards], [int(s["size"]) for s in shards],
+                [str(s.get("sha256", "")) for s in shards])
     except (KeyError, TypeError, ValueError) as exc:
         raise DsmdError(f"{where}: damaged tar index ({exc}); rerun `dsmd data prepare`") from None
 

@@ -111,7 +111,8 @@ def write_streamed(shards, directory: Path, *, name: str, source: Path | str, im
         with SpilledGroups(_KEY_RECORD, directory, buffer_rows=spill_rows) as keys:
             for shard in shards:
                 _add_shard(shard, len(shard_list), files, keys, counts)
-                shard_list.append({"path": shard.path, "size": shard.size})
+                shard_list.append({"path": shard.path, "size": shard.size,
+                                   **({"sha256": shard.sha256} if shard.sha256 else {})})
                 summary.add(shard)
                 dropped.extend(row.to_dict() for row in shard.builder.dropped)
             for file in (IMAGES_FILE, CAPTIONS_FILE):

@@ -206,6 +206,7 @@ class ShardRows:
     path: str  # relative to the images root
     size: int
     builder: SourceBuilder
+    sha256: str = ""  # a shard in a bucket: of the copy indexed, which later cached copies must match
     members: list[str] = field(default_factory=list)
     offsets: array = field(default_factory=lambda: array("q"))
     sizes: array = field(default_factory=lambda: array("q"))
@@ -271,7 +272,7 @@ def _bucket_shards(source: str, root: str, rules: _Rules, scratch: Path | None) 
             bucket.download(url[: -len(".tar")] + ".parquet", table, optional=True)
             # Member paths are checked against the scratch copy: the same rules as for a local shard.
             builder = SourceBuilder(source=source, images_root=scratch)  # type: ignore[arg-type]
-            rows = ShardRows(relative, size, builder)
+            rows = ShardRows(relative, size, builder, sha256=bucket.file_sha256(local))
             _read_shard(local, rules, rows)
         finally:
             local.unlink(missing_ok=True)

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.console import console
+from pipeline.data.bucket import local_shard_cache
 from pipeline.data.canonical import CanonicalDataset
 from pipeline.data.pairs import usable_pairs
 from pipeline.errors import DsmdError
@@ -46,6 +47,9 @@ class TrainingData:
 def load_training_data(ctx: RunContext) -> TrainingData:
     cfg, dc = ctx.cfg, ctx.cfg.distill
     ds = CanonicalDataset.load(cfg.data.canonical_dir)
+    # Shards in a bucket: whole through the local cache in blocks order (a window's tars at a time) or when they
+    # all fit it; a full shuffle over more than that reads each image with a ranged GET instead.
+    ds.use_shard_cache(local_shard_cache(cfg.extract.cache_dir, cfg.extract.cache_gb), in_order=dc.order == "blocks")
     # Loader workers open their own reader; the main process needs the rows only when it loads batches.
     method = method_for(cfg, ds, in_memory=dc.load_store_in_ram and dc.loader_workers == 0)
     dim = method.dim()

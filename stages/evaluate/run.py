@@ -16,6 +16,7 @@ import torch
 from pipeline.atomic import replaced_directory
 from pipeline.config import Config
 from pipeline.console import console
+from pipeline.data.bucket import local_shard_cache
 from pipeline.data.canonical import CanonicalDataset
 from pipeline.data.pairs import usable_pairs
 from pipeline.encode import encode_images, encode_texts
@@ -131,6 +132,7 @@ def run_evaluate(cfg: Config) -> dict:
     out = Path(ev.out_dir)
     device = _device(ev.device)
     ds = CanonicalDataset.load(cfg.data.canonical_dir)
+    ds.use_shard_cache(local_shard_cache(cfg.extract.cache_dir, cfg.extract.cache_gb), in_order=True)
     card = read_card(student_dir)
     if card.get("dataset", {}).get("fingerprint") not in (None, ds.fingerprint):
         raise DsmdError(

@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.config import Config, replace_settings
+from pipeline.data.bucket import local_shard_cache
 from pipeline.data.canonical import CanonicalDataset
 from pipeline.data.check import load_bad_images
 from pipeline.errors import DsmdError
@@ -154,6 +155,8 @@ class ExtractWorker:
         self.cfg = cfg
         self.device = checked_device(device or cfg.extract.device)
         self.ds = CanonicalDataset.load(cfg.data.canonical_dir)
+        # Extraction reads images in id order, so shards in a bucket come whole through the local cache.
+        self.ds.use_shard_cache(local_shard_cache(cfg.extract.cache_dir, cfg.extract.cache_gb), in_order=True)
         self.selected = selected_rows(self.ds, cfg.extract.splits, cfg.extract.views)
         self.known_bad = load_bad_images(cfg.data.canonical_dir)
         self.teacher = teacher or load_teacher(cfg.teacher, device=self.device, precision=cfg.extract.precision)

@@ -25,13 +25,7 @@ pytest.importorskip("moto.server")
 BUCKET = "s3://shards/wds"
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    from s3_helpers import make_bucket, moto_server
-
-    with moto_server(str(tmp_path_factory.mktemp("xdg-cache"))) as endpoint:
-        make_bucket("shards")
-        yield endpoint
+S3_BUCKET = "shards"  # created by the `s3` fixture (tests/conftest.py)
 
 
 def _sample(key, caption, split, image=None):

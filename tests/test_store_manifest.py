@@ -16,13 +16,7 @@ pytest.importorskip("moto.server")
 BUCKET = "dsmd-manifest"
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    from s3_helpers import make_bucket, moto_server
-
-    with moto_server(str(tmp_path_factory.mktemp("xdg-cache"))) as endpoint:
-        make_bucket(BUCKET)
-        yield endpoint
+S3_BUCKET = BUCKET  # created by the `s3` fixture (tests/conftest.py)
 
 
 def test_the_manifest_changes_exactly_when_the_store_does(s3, tmp_path):

@@ -24,13 +24,7 @@ ROWS, DIM, PER_SHARD = 40, 8, 8  # five shards of image rows
 SHARD_BYTES = PER_SHARD * DIM * 2  # float16 rows; a shard file adds its small index to this
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    from s3_helpers import make_bucket, moto_server
-
-    with moto_server(str(tmp_path_factory.mktemp("xdg-cache"))) as endpoint:
-        make_bucket("pre")
-        yield endpoint
+S3_BUCKET = "pre"  # created by the `s3` fixture (tests/conftest.py)
 
 
 def make_store(url: str) -> np.ndarray:

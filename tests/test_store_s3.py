@@ -26,13 +26,7 @@ pytestmark = pytest.mark.skipif(not FIXTURE.is_dir(), reason="beit3-tiny fixture
 SHARDS = 5 + 14  # 36 images and 108 captions in shards of 8 rows
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    from s3_helpers import make_bucket, moto_server
-
-    with moto_server(str(tmp_path_factory.mktemp("xdg-cache"))) as endpoint:
-        make_bucket("dsmd")
-        yield endpoint
+S3_BUCKET = "dsmd"  # created by the `s3` fixture (tests/conftest.py)
 
 
 @pytest.fixture(scope="module")

@@ -21,13 +21,7 @@ BUCKET = "dsmd-extras"  # moto keeps one set of buckets per process: not the buc
 NAME = "mcad-align--a--b"
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    from s3_helpers import make_bucket, moto_server
-
-    with moto_server(str(tmp_path_factory.mktemp("xdg-cache"))) as endpoint:
-        make_bucket(BUCKET)
-        yield endpoint
+S3_BUCKET = BUCKET  # created by the `s3` fixture (tests/conftest.py)
 
 
 def small_store(url: str, fingerprint: str = "fp") -> str:

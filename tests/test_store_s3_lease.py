@@ -25,13 +25,7 @@ BUCKET = "dsmd-lease"
 NEVER = 3600.0  # a renewal interval no test outlives: the renewer thread stays asleep
 
 
-@pytest.fixture(scope="module")
-def s3(tmp_path_factory):
-    from s3_helpers import make_bucket, moto_server
-
-    with moto_server(str(tmp_path_factory.mktemp("xdg-cache"))) as endpoint:
-        make_bucket(BUCKET)
-        yield endpoint
+S3_BUCKET = BUCKET  # created by the `s3` fixture (tests/conftest.py)
 
 
 def objects():

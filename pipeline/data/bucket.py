@@ -173,6 +173,7 @@ def download(url: str, target: Path, *, optional: bool = False) -> bool:
 
 
 def file_sha256(path: Path) -> str:
+    """Of a local file (a downloaded shard, or a source table), read a MiB at a time."""
     digest = hashlib.sha256()
     with path.open("rb") as handle:
         for block in iter(lambda: handle.read(1 << 20), b""):

@@ -342,14 +342,6 @@ def detect_format(source: Path, declared: str) -> str:
     return fmt
 
 
-def _file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _shards_digest(source: Path | str) -> str:
     """sha256 over the shards' and their tables' names, sizes and modification times (ETags in a bucket): hashing
     the bytes of a 100k-image WebDataset each time `dsmd data check` asks whether it is up to date would take
@@ -387,7 +379,7 @@ def _source_record(cfg: Any, fmt: str) -> dict:
             "split_column": cfg.split_column,
             "default_split": getattr(cfg, "default_split", ""),
         }
-    return {"path": str(source), "format": fmt, "sha256": _file_sha256(source), "settings": settings}
+    return {"path": str(source), "format": fmt, "sha256": bucket.file_sha256(source), "settings": settings}
 
 
 def _checked_inputs(cfg: Any) -> tuple[Path | str, Path | str, str]:

@@ -140,3 +140,16 @@ def test_in_order_reads_take_each_shard_whole_through_the_cache_once(tmp_path, s
     again.use_shard_cache(bucket.local_shard_cache(str(tmp_path / "other-cache"), 1.0), in_order=True)
     with pytest.raises(ShardError, match=rf"^{BUCKET}/00001.tar: the shard changed since it was prepared"):
         again.image_source(3).read()
+
+
+def test_a_bucket_shard_that_is_not_a_tar_is_one_line_naming_its_url(tmp_path, shards):
+    import s3fs
+
+    fs = s3fs.S3FileSystem(skip_instance_cache=True)
+    fs.pipe_file(f"{BUCKET[len('s3://'):]}/00002.tar", b"not a tar at all" * 64)
+    try:
+        with pytest.raises(ShardError, match=rf"^{BUCKET}/00002.tar: not a tar file") as caught:
+            prepare(_bucket_config(tmp_path))
+        assert ".download-" not in str(caught.value)
+    finally:
+        fs.rm_file(f"{BUCKET[len('s3://'):]}/00002.tar")

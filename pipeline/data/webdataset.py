@@ -274,6 +274,8 @@ def _bucket_shards(source: str, root: str, rules: _Rules, scratch: Path | None) 
             builder = SourceBuilder(source=source, images_root=scratch)  # type: ignore[arg-type]
             rows = ShardRows(relative, size, builder, sha256=bucket.file_sha256(local))
             _read_shard(local, rules, rows)
+        except ShardError as exc:  # name the shard the user has, not its temporary copy
+            raise ShardError(str(exc).replace(str(local), url)) from None
         finally:
             local.unlink(missing_ok=True)
             table.unlink(missing_ok=True)

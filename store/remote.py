@@ -131,6 +131,10 @@ def default_cache_dir() -> Path:
     return Path(base) / "dsmd" / "store-cache"
 
 
+_STORE_SHARD_CHANGED = ("the shard object changed after its completion mark was written; run `dsmd store verify` on "
+                        "the store, then `dsmd extract --repair`")
+
+
 class ShardCache:
     """Whole shard files of remote stores on local disk, at most `max_bytes` in all (least recently used go
     first), so that readers map them like local shards. Files are named by the shard's sha256 from its
@@ -148,10 +152,12 @@ class ShardCache:
         scope = hashlib.sha256(store.encode()).hexdigest()[:16]
         return self.directory / scope / f"{name}-{sha256[:24]}"
 
-    def fetch(self, target: Path, download: Callable[[Path], None], size: int, sha256: str, where: str) -> Path:
+    def fetch(self, target: Path, download: Callable[[Path], None], size: int, sha256: str, where: str,
+              changed: str = _STORE_SHARD_CHANGED) -> Path:
         """`target` (from path_for), downloading it with `download(tmp)` when absent; the download must have
-        the given size and sha256, else StoreError naming `where`. One download per file at a time: a caller
-        (thread or process) that finds another downloading the same file waits for it and uses its copy."""
+        the given size and sha256, else StoreError naming `where` and saying `changed` (what a mismatch means
+        and its fix). One download per file at a time: a caller (thread or process) that finds another
+        downloading the same file waits for it and uses its copy."""
         if self.touch(target):
             return target
         target.parent.mkdir(parents=True, exist_ok=True)
@@ -163,11 +169,8 @@ class ShardCache:
                 download(tmp)
                 digest, got = _sha256(tmp)
                 if got != size or digest != sha256:
-                    raise StoreError(
-                        f"{where}: the downloaded shard is {got} bytes with sha256 {digest[:12]}, but its completion "
-                        f"mark says {size} bytes, {sha256[:12]}: the object changed after it was written; run "
-                        "`dsmd store verify` on the store, then `dsmd extract --repair`"
-                    )
+                    raise StoreError(f"{where}: {changed} (downloaded {got} bytes with sha256 {digest[:12]}, "
+                                     f"expected {size} bytes with sha256 {sha256[:12]})")
                 os.replace(tmp, target)
             finally:
                 with contextlib.suppress(OSError):
